@@ -1,0 +1,3 @@
+from lorakit.cli.app import main
+
+main()

@@ -1,0 +1,80 @@
+"""Load an optimised OpenBLAS before MLX on Linux CPU.
+
+MLX's Linux CPU wheel links netlib's reference BLAS (matmuls 30-60x slower than they should be).
+Loading OpenBLAS with RTLD_GLOBAL before the first `import mlx.core` makes its cblas_* symbols win.
+Must run before anything imports mlx; `lorakit.engine` calls `preload()` on import.
+Set LORAKIT_NO_OPENBLAS=1 to keep the reference BLAS.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+import sysconfig
+from pathlib import Path
+
+_state: dict[str, str] = {}
+
+
+def _candidates() -> list[tuple[str, str]]:
+    found = []
+    roots = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *sys.path}
+    for root in sorted(r for r in roots if r):
+        lib = Path(root) / "cmeel.prefix" / "lib" / "libopenblas.so.0"
+        if lib.exists():
+            found.append((str(lib), "cmeel-openblas"))
+    system = ctypes.util.find_library("openblas")
+    if system:
+        found.append((system, "system"))
+    return found
+
+
+def _cuda_backend() -> bool:
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    for name in ("mlx-cuda-13", "mlx-cuda-12", "mlx-cuda"):
+        try:
+            distribution(name)
+            return True
+        except PackageNotFoundError:
+            pass
+    return False
+
+
+def preload() -> None:
+    """Load OpenBLAS globally once, when on Linux, on the CPU wheel, and not turned off."""
+    if _state:
+        return
+    if not sys.platform.startswith("linux"):
+        _state["blas"] = "Accelerate" if sys.platform == "darwin" else "platform default"
+        return
+    if os.environ.get("LORAKIT_NO_OPENBLAS", "").lower() in ("1", "true", "yes"):
+        _state["blas"] = "reference (LORAKIT_NO_OPENBLAS set)"
+        return
+    if "mlx.core" in sys.modules:
+        _state["blas"] = "unknown (mlx was imported before lorakit could load OpenBLAS)"
+        return
+    problems = []
+    for path, source in _candidates():
+        try:
+            lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        except OSError as e:  # e.g. libgfortran.so.5 missing
+            problems.append(f"{source}: {e}")
+            continue
+        try:
+            lib.openblas_get_config.restype = ctypes.c_char_p
+            version = lib.openblas_get_config().decode().split()[:2]
+            name = " ".join(version)
+        except AttributeError:
+            name = "OpenBLAS"
+        _state["blas"] = f"{name} ({source})"
+        return
+    hint = "; ".join(problems) if problems else "install lorakit[cpu] (cmeel-openblas) or libopenblas"
+    gpu = " on the CPU" if not _cuda_backend() else " for CPU ops"
+    _state["blas"] = f"reference (slow matmuls{gpu}: {hint})"
+
+
+def blas_in_use() -> str:
+    return _state.get("blas", "not loaded yet")

@@ -1,0 +1,384 @@
+"""One pydantic settings family for every subcommand.
+
+Sources, highest first: CLI flags, `LORAKIT_*` environment variables, a YAML `--config` file, defaults.
+A config file may hold top-level keys (any command's) and per-command sections (`train:`, `eval:`, ...);
+mlx-lm's LoRA YAML keys are translated. A key no lorakit command knows is an error naming the closest one.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+from lorakit.errors import UserError
+
+COMMANDS = ("prepare", "train", "eval", "generate", "fuse")
+TEMPLATES = ("chatml", "llama3", "mistral", "gemma", "phi3", "qwen2.5", "alpaca")
+TARGET_PRESETS = {
+    "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mlp": ["gate_proj", "up_proj", "down_proj"],
+}
+OUTPUT_FIELDS = {"json_output", "quiet", "debug"}
+
+_yaml_data: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("yaml_data", default={})
+
+
+def _split_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+CommaList = Annotated[list[str], NoDecode]
+FloatTriple = Annotated[tuple[float, float, float], NoDecode]
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return _yaml_data.get().get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_yaml_data.get())
+
+
+class Common(BaseSettings):
+    """Fields every command has."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LORAKIT_", extra="forbid", validate_default=True, populate_by_name=True
+    )
+
+    json_output: bool = Field(False, description="Print the result as one JSON object on stdout.")
+    quiet: bool = Field(False, description="Only errors and warnings on stderr; no progress.")
+    debug: bool = Field(False, description="Show tracebacks for errors.")
+    seed: int = Field(0, description="Random seed (splits, shuffling, LoRA init, sampling).")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+
+class ModelOptions(Common):
+    """How to load the base model (shared by train, eval, generate, fuse)."""
+
+    model: str = Field(description="Hugging Face repo id, local model directory, or .gguf file.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of --model.")
+    trust_remote_code: bool = Field(False, description="Allow custom code from the model repo.")
+    quantize: Literal[4, 8] | None = Field(None, description="Quantize a float base in memory (QLoRA).")
+    q_group_size: int = Field(64, gt=0, description="Group size for --quantize.")
+    dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
+        None, description="Cast a float base (de-quantize a quantized one) to this type."
+    )
+
+
+class PrepareSettings(Common):
+    inputs: CommaList = Field(description="Raw JSONL / JSON files to read.")
+    out: Path = Field(description="Output directory for train/valid/test.jsonl.")
+    input_format: Literal["auto", "chat", "sharegpt", "completions", "alpaca", "text", "judge"] = Field(
+        "auto", description="Record format; auto detects it per record."
+    )
+    format: Literal["messages", "text"] = Field(
+        "messages", description="Output: chat messages, or text rendered through a chat template."
+    )
+    field_map: CommaList = Field(
+        [], description="Rename input fields, e.g. 'prompt=question,completion=answer'."
+    )
+    system: str | None = Field(None, description="System prompt added to examples that have none.")
+    template: str | None = Field(
+        None, description=f"Chat template: {', '.join(TEMPLATES)}, or a Jinja file (default: the tokenizer's)."
+    )
+    model: str | None = Field(None, description="Model whose tokenizer counts tokens / supplies the template.")
+    tokenizer: str | None = Field(None, description="Tokenizer (tokenizer.json, model dir or .gguf) to count tokens.")
+    split: FloatTriple = Field((0.8, 0.1, 0.1), description="train,valid,test ratios.")
+    stratify_by: str | None = Field(None, description="Keep this field's label distribution equal across splits.")
+    group_by: str | None = Field(None, description="Records sharing this field's value stay in one split.")
+    on_error: Literal["fail", "skip"] = Field("fail", description="On a bad record: fail, or skip it to rejected.jsonl.")
+    max_error_rate: float = Field(0.05, ge=0, le=1, description="With --on-error skip, fail above this share.")
+    max_chars: int | None = Field(None, gt=0, description="Reject examples longer than this many characters.")
+    max_tokens: int | None = Field(None, gt=0, description="Reject examples longer than this many tokens.")
+    dedupe: bool = Field(True, description="Drop exact duplicates (after normalising whitespace).")
+    overwrite: bool = Field(False, description="Replace a non-empty --out directory.")
+
+    _split = field_validator("inputs", "field_map", mode="before")(_split_list)
+
+    @field_validator("split", mode="before")
+    @classmethod
+    def _parse_split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = [float(x) for x in value.replace("/", ",").split(",")]
+            except ValueError:
+                raise ValueError("expected three numbers like 0.8,0.1,0.1") from None
+        return value
+
+    @field_validator("split")
+    @classmethod
+    def _check_split(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(v < 0 for v in value) or abs(sum(value) - 1.0) > 1e-6 or value[0] <= 0:
+            raise ValueError(f"ratios must be >= 0, train > 0, and sum to 1 (got {','.join(map(str, value))})")
+        return value
+
+
+class TrainSettings(ModelOptions):
+    data: Path = Field(description="Directory with train.jsonl and valid.jsonl (from `lorakit prepare`).")
+    adapter_path: Path = Field(Path("adapters"), description="Where adapters, checkpoints and metrics go.")
+    fine_tune_type: Literal["lora", "dora", "full"] = Field("lora", description="lora, dora or full.")
+    lora_rank: int = Field(8, gt=0, description="LoRA rank r.")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch input.")
+    num_layers: int = Field(-1, description="Adapt the last N transformer blocks (-1: all).")
+    target_modules: CommaList = Field(
+        ["all-linear"], description="Module names or presets: attention, mlp, all-linear."
+    )
+    train_on: Literal["auto", "all", "completions", "assistant"] = Field(
+        "auto", description="Tokens that carry loss (auto: assistant for chats, completions for prompt/completion)."
+    )
+    max_seq_length: int = Field(2048, gt=1, description="Truncate examples to this many tokens.")
+    pack: bool = Field(False, description="Pack several examples per row (no cross-example attention).")
+    batch_size: int = Field(4, gt=0, description="Examples (rows when packing) per step.")
+    grad_accumulation_steps: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
+    iters: int | None = Field(None, gt=0, description="Optimizer steps to train (overrides --epochs).")
+    epochs: float | None = Field(None, gt=0, description="Epochs to train when --iters is not given (default 3).")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    optimizer: Literal["adam", "adamw", "sgd", "adafactor"] = Field("adamw", description="Optimizer.")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay (adamw, sgd).")
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field("constant", description="Learning-rate schedule.")
+    warmup: float = Field(0, ge=0, description="Warmup: steps if >= 1, else a fraction of all steps.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final LR as a fraction of peak (cosine, linear).")
+    max_grad_norm: float | None = Field(None, gt=0, description="Clip the global gradient norm to this.")
+    grad_checkpoint: bool = Field(False, description="Recompute activations in backward to save memory.")
+    steps_per_report: int = Field(10, gt=0, description="Log train loss every N steps.")
+    steps_per_eval: int = Field(100, gt=0, description="Validate every N steps.")
+    val_batches: int = Field(25, description="Validation batches per eval (-1: the whole valid set).")
+    save_every: int = Field(100, gt=0, description="Checkpoint every N steps.")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept besides best/.")
+    early_stopping_patience: int | None = Field(None, gt=0, description="Stop after N evals without improvement.")
+    resume: bool = Field(False, description="Continue from the last checkpoint in --adapter-path.")
+    resume_from: Path | None = Field(None, description="Continue from this checkpoint directory.")
+    overwrite: bool = Field(False, description="Start over in a non-empty --adapter-path.")
+
+    _split = field_validator("target_modules", mode="before")(_split_list)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _check_targets(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("name at least one module or preset (attention, mlp, all-linear)")
+        return value
+
+    @model_validator(mode="after")
+    def _check_resume(self) -> TrainSettings:
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite contradict each other; pick one")
+        return self
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.lora_rank
+
+
+class SamplingOptions(BaseSettings):
+    """Generation knobs shared by generate and eval --generate (mixed into their settings)."""
+
+    max_tokens: int = Field(256, gt=0, description="Most tokens to generate per answer.")
+    temp: float = Field(0.0, ge=0, description="Sampling temperature (0: greedy).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
+    top_k: int = Field(0, ge=0, description="Keep only the k most likely tokens (0: off).")
+    min_p: float = Field(0.0, ge=0, le=1, description="Drop tokens below min_p x the top probability.")
+    repetition_penalty: float | None = Field(None, gt=0, description="Penalise recently seen tokens (>1).")
+    stop: CommaList = Field([], description="Stop strings (comma-separated or repeated).")
+
+
+class EvalSettings(ModelOptions, SamplingOptions):
+    data: Path = Field(description="Directory from `lorakit prepare`.")
+    split: str = Field("test", description="Which split file to evaluate (train, valid, test).")
+    adapter_path: Path | None = Field(None, description="Adapter directory from `lorakit train` (best/ if present).")
+    batch_size: int = Field(8, gt=0, description="Examples per forward pass.")
+    max_seq_length: int = Field(2048, gt=1, description="Truncate examples to this many tokens.")
+    train_on: Literal["auto", "all", "completions", "assistant"] = Field(
+        "auto", description="Tokens that carry loss (as in training)."
+    )
+    compare_base: bool = Field(False, description="Evaluate the base model too and show the change.")
+    generate: bool = Field(False, description="Also generate answers and score them against references.")
+    judge: bool = Field(False, description="Pairwise judge mode: verdict accuracy and A/B swap consistency.")
+    judge_template: str | None = Field(None, description="Jinja file for the judge prompt (default built in).")
+    label_pattern: str | None = Field(None, description="Regex whose first group extracts a label.")
+    labels: CommaList = Field([], description="Allowed labels, e.g. A,B,tie.")
+    ignore_case: bool = Field(True, description="Case-insensitive exact match and labels.")
+    limit: int | None = Field(None, gt=0, description="Evaluate at most N examples (chosen by --seed).")
+    out: Path | None = Field(None, description="Where eval.json and predictions.jsonl go.")
+    overwrite: bool = Field(False, description="Replace existing eval outputs.")
+
+    _split = field_validator("labels", "stop", mode="before")(_split_list)
+
+
+class GenerateSettings(ModelOptions, SamplingOptions):
+    adapter_path: Path | None = Field(None, description="Adapter directory from `lorakit train`.")
+    prompt: str | None = Field(None, description="The prompt ('-' reads stdin).")
+    input: Path | None = Field(None, description="JSONL with `prompt` or `messages` per line.")
+    output: Path | None = Field(None, description="Write JSONL results here (default stdout).")
+    system: str | None = Field(None, description="System prompt.")
+    chat_template: bool = Field(True, description="Apply the tokenizer's chat template.")
+    compare_base: bool = Field(False, description="Also answer with the base model, side by side.")
+    batch_size: int = Field(8, gt=0, description="Prompts generated together for --input.")
+
+    _split = field_validator("stop", mode="before")(_split_list)
+
+
+class FuseSettings(ModelOptions):
+    adapter_path: Path = Field(Path("adapters"), description="Adapter directory from `lorakit train`.")
+    out: Path = Field(Path("fused_model"), description="Output model directory.")
+    requantize: Literal[4, 8] | None = Field(None, description="Quantize the fused weights (reports the error).")
+    export_gguf: Path | None = Field(None, description="Also write a GGUF file for llama.cpp.")
+    gguf_type: Literal["f16", "q8_0"] = Field("f16", description="Tensor type of the GGUF export.")
+    verify: bool = Field(True, description="Compare fused logits with base+adapter; fail on mismatch.")
+    overwrite: bool = Field(False, description="Replace an existing --out.")
+
+
+SETTINGS: dict[str, type[Common]] = {
+    "prepare": PrepareSettings,
+    "train": TrainSettings,
+    "eval": EvalSettings,
+    "generate": GenerateSettings,
+    "fuse": FuseSettings,
+}
+
+
+def all_keys() -> set[str]:
+    return {name for cls in SETTINGS.values() for name in cls.model_fields}
+
+
+# mlx-lm LoRA config keys -> lorakit keys (or None: accepted and ignored, with a note).
+def _translate_mlx_lm(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    notes: list[str] = []
+    out = dict(data)
+    params = out.pop("lora_parameters", None)
+    if isinstance(params, dict):
+        rank = params.get("rank", 8)
+        out.setdefault("lora_rank", rank)
+        if "scale" in params:
+            out.setdefault("lora_alpha", float(params["scale"]) * rank)
+        if "dropout" in params:
+            out.setdefault("lora_dropout", params["dropout"])
+        if params.get("keys"):
+            out.setdefault("target_modules", [k.split(".")[-1] for k in params["keys"]])
+    if "mask_prompt" in out:
+        out.setdefault("train_on", "completions" if out.pop("mask_prompt") else "all")
+    if "resume_adapter_file" in out:
+        path = out.pop("resume_adapter_file")
+        if path:
+            out.setdefault("resume_from", str(Path(path).parent))
+    schedule = out.pop("lr_schedule", None)
+    if isinstance(schedule, dict):
+        name = schedule.get("name", "constant")
+        out.setdefault("lr_schedule", {"cosine_decay": "cosine", "linear_schedule": "linear"}.get(name, name))
+        if schedule.get("warmup"):
+            out.setdefault("warmup", schedule["warmup"])
+    elif schedule is not None:
+        out.setdefault("lr_schedule", schedule)
+    opt_cfg = out.pop("optimizer_config", None)
+    if isinstance(opt_cfg, dict):
+        for conf in opt_cfg.values():
+            if isinstance(conf, dict) and "weight_decay" in conf:
+                out.setdefault("weight_decay", conf["weight_decay"])
+    for key in ("train", "test", "test_batches", "wandb", "report_to", "project_name", "hf_dataset",
+                "lora_layers"):
+        if key in out:
+            value = out.pop(key)
+            if key == "lora_layers":
+                out.setdefault("num_layers", value)
+            elif value not in (None, False):
+                notes.append(f"mlx-lm key '{key}' is not used by lorakit (ignored)")
+    return out, notes
+
+
+def read_config(path: Path | None, command: str) -> tuple[dict[str, Any], list[str]]:
+    """Read a YAML config for `command`: merge its section over top-level keys; check every key."""
+    if path is None:
+        return {}, []
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise UserError(f"--config {path}: file not found") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"--config {path}: invalid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"--config {path}: expected a mapping of settings, got {type(raw).__name__}")
+    top = {k: v for k, v in raw.items() if k not in COMMANDS}
+    section = raw.get(command) or {}
+    if not isinstance(section, dict):
+        raise UserError(f"--config {path}: section '{command}' must be a mapping")
+    merged, notes = _translate_mlx_lm({**top, **section})
+    known = all_keys()
+    mine = SETTINGS[command].model_fields
+    problems = []
+    for key in merged:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            problems.append(f"{path}: unknown key '{key}'{hint}")
+    for name, sec in raw.items():
+        if name in COMMANDS and name != command and isinstance(sec, dict):
+            for key in sec:
+                if key not in SETTINGS[name].model_fields:
+                    close = difflib.get_close_matches(str(key), sorted(SETTINGS[name].model_fields), n=1)
+                    hint = f"; did you mean '{close[0]}'?" if close else ""
+                    problems.append(f"{path}: unknown key '{name}.{key}'{hint}")
+    if problems:
+        raise UserError("invalid config:\n  " + "\n  ".join(problems))
+    return {k: v for k, v in merged.items() if k in mine and k not in OUTPUT_FIELDS}, notes
+
+
+def _flag(name: str) -> str:
+    return "--json" if name == "json_output" else "--" + name.replace("_", "-")
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = [str(x) for x in e["loc"]]
+        name = loc[0] if loc else ""
+        where = f"{_flag(name)} (env LORAKIT_{name.upper()}, config key '{name}')" if name else "settings"
+        msg = e["msg"]
+        if e["type"] == "missing":
+            msg = f"required; pass {_flag(name)}"
+        elif "input" in e and e["type"] not in ("extra_forbidden",) and not isinstance(e["input"], dict):
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"{where}: {msg}")
+    return "invalid settings:\n  " + "\n  ".join(lines)
+
+
+def load_settings(command: str, cli: dict[str, Any], config: Path | None = None) -> tuple[Common, list[str]]:
+    """Resolve settings for `command`: CLI flags > LORAKIT_* env > YAML config > defaults.
+
+    `cli` holds only the flags the user gave (None means not given). Returns (settings, notes).
+    """
+    cls = SETTINGS[command]
+    data, notes = read_config(config, command)
+    token = _yaml_data.set(data)
+    try:
+        return cls(**{k: v for k, v in cli.items() if v is not None}), notes
+    except ValidationError as e:
+        raise UserError(format_validation_error(e)) from None
+    finally:
+        _yaml_data.reset(token)
+
+
+def settings_dict(settings: Common) -> dict[str, Any]:
+    """The resolved settings as plain data, without the output-only fields."""
+    return settings.model_dump(mode="json", exclude=OUTPUT_FIELDS)
+
+
+def save_settings(settings: Common, path: Path) -> None:
+    from lorakit.io import write_text
+
+    write_text(path, yaml.safe_dump(settings_dict(settings), sort_keys=False, allow_unicode=True))

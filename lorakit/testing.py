@@ -1,0 +1,99 @@
+"""A tiny random llama model and a BPE tokenizer trained on the spot, saved as a normal model directory.
+
+Used by the tests and benchmarks so every engine path runs offline in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "How do I reset my password? Open Settings, choose Account, then Reset password.",
+    "What is the capital of France? The capital of France is Paris.",
+    "Answer A is better because it is correct and concise. Verdict: A",
+    "Answer B is better because it cites the manual. Verdict: B",
+    "Both answers are equally good. Verdict: tie",
+    "def add(a, b):\n    return a + b\n",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 2024 3.14",
+    "You are a helpful assistant. Please reply briefly and politely.",
+    "Thank you for contacting support. Your order ships in 3-5 business days.",
+]
+
+
+def build_tokenizer(vocab_size: int = 384):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 20, trainer=trainer)
+    return tok
+
+
+def tiny_model_dir(path: str | Path, *, seed: int = 0, hidden_size: int = 64, num_layers: int = 2,
+                   vocab_size: int = 384, tie_word_embeddings: bool = True, quantize_bits: int | None = None,
+                   dtype: str = "float32") -> Path:
+    """Write a tiny llama model directory loadable by mlx_lm.load (and lorakit's loader)."""
+    import lorakit.engine  # noqa: F401  (OpenBLAS before mlx)
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_lm.models.llama import Model, ModelArgs
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(vocab_size)
+    config = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": hidden_size,
+        "num_hidden_layers": num_layers,
+        "intermediate_size": hidden_size * 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": hidden_size // 4,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": tok.get_vocab_size(),
+        "max_position_embeddings": 2048,
+        "rope_theta": 10000.0,
+        "rope_traditional": False,
+        "tie_word_embeddings": tie_word_embeddings,
+        "bos_token_id": None,
+        "eos_token_id": tok.token_to_id("<|im_end|>"),
+        "torch_dtype": dtype,
+    }
+    mx.random.seed(seed)
+    model = Model(ModelArgs.from_dict(config))
+    model.set_dtype(getattr(mx, dtype))
+    if quantize_bits:
+        nn.quantize(model, group_size=32, bits=quantize_bits)
+        config["quantization"] = {"group_size": 32, "bits": quantize_bits}
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())),
+                        metadata={"format": "mlx"})
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "model_max_length": 2048,
+        "chat_template": CHATML_TEMPLATE,
+        "add_bos_token": False,
+    }, indent=2))
+    return path
