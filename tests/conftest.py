@@ -5,6 +5,29 @@ import pytest
 import lorakit.engine  # noqa: F401  (loads OpenBLAS before anything imports mlx)
 from lorakit.testing import tiny_model_dir
 
+# Captured before any test's monkeypatch replaces LORAKIT_CACHE with a temp dir.
+_REAL_CACHE = os.environ.get("LORAKIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lorakit")
+
+
+@pytest.fixture(scope="session")
+def real_model_gguf():
+    """Path of the real SmolLM2-135M-Instruct Q4_1 GGUF (`python -m lorakit.realmodel` fetches it).
+
+    Skips when absent, unless LORAKIT_REQUIRE_REAL_MODEL=1 (CI), where absence is a failure.
+    LORAKIT_REAL_MODEL overrides the path.
+    """
+    from pathlib import Path
+
+    from lorakit.realmodel import GGUF_NAME
+
+    path = Path(os.environ.get("LORAKIT_REAL_MODEL") or Path(_REAL_CACHE) / "models" / GGUF_NAME)
+    if not path.is_file():
+        reason = f"real model not found at {path}; fetch it with `python -m lorakit.realmodel`"
+        if os.environ.get("LORAKIT_REQUIRE_REAL_MODEL") == "1":
+            pytest.fail(reason + " (LORAKIT_REQUIRE_REAL_MODEL=1)")
+        pytest.skip(reason)
+    return path
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
