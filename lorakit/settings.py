@@ -36,6 +36,13 @@ def _split_list(value: Any) -> Any:
     return value
 
 
+def _split_stop(value: Any) -> Any:
+    """Stop strings keep their whitespace (a newline is a common one); only empty parts are dropped."""
+    if isinstance(value, str):
+        return [part for part in value.split(",") if part]
+    return value
+
+
 CommaList = Annotated[list[str], NoDecode]
 FloatTriple = Annotated[tuple[float, float, float], NoDecode]
 
@@ -164,6 +171,9 @@ class TrainSettings(ModelOptions):
     resume: bool = Field(False, description="Continue from the last checkpoint in --adapter-path.")
     resume_from: Path | None = Field(None, description="Continue from this checkpoint directory.")
     overwrite: bool = Field(False, description="Start over in a non-empty --adapter-path.")
+    dist_timeout: float = Field(
+        600.0, gt=0, description="Under mlx.launch: exit when no step ends for this many seconds (lost rank)."
+    )
 
     _split = field_validator("target_modules", mode="before")(_split_list)
 
@@ -229,8 +239,9 @@ class GenerateSettings(ModelOptions, SamplingOptions):
     chat_template: bool = Field(True, description="Apply the tokenizer's chat template.")
     compare_base: bool = Field(False, description="Also answer with the base model, side by side.")
     batch_size: int = Field(8, gt=0, description="Prompts generated together for --input.")
+    overwrite: bool = Field(False, description="Replace an existing --output file.")
 
-    _split = field_validator("stop", mode="before")(_split_list)
+    _split = field_validator("stop", mode="before")(_split_stop)
 
 
 class FuseSettings(ModelOptions):
@@ -240,6 +251,9 @@ class FuseSettings(ModelOptions):
     export_gguf: Path | None = Field(None, description="Also write a GGUF file for llama.cpp.")
     gguf_type: Literal["f16", "q8_0"] = Field("f16", description="Tensor type of the GGUF export.")
     verify: bool = Field(True, description="Compare fused logits with base+adapter; fail on mismatch.")
+    verify_tolerance: float | None = Field(
+        None, gt=0, description="Largest max logit difference --verify accepts (default: scaled by the dtype)."
+    )
     overwrite: bool = Field(False, description="Replace an existing --out.")
 
 
@@ -339,6 +353,8 @@ def read_config(path: Path | None, command: str) -> tuple[dict[str, Any], list[s
 
 
 def _flag(name: str) -> str:
+    if name == "inputs":  # prepare's positional argument
+        return "INPUT..."
     return "--json" if name == "json_output" else "--" + name.replace("_", "-")
 
 

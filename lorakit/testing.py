@@ -97,3 +97,29 @@ def tiny_model_dir(path: str | Path, *, seed: int = 0, hidden_size: int = 64, nu
         "add_bos_token": False,
     }, indent=2))
     return path
+
+
+def random_adapter_dir(model_dir: str | Path, path: str | Path, *, fine_tune_type: str = "lora", rank: int = 4,
+                       alpha: float = 8.0, num_layers: int = -1, target_modules: tuple[str, ...] = ("all-linear",),
+                       seed: int = 0, b_scale: float = 0.5) -> Path:
+    """An adapter for the model at `model_dir` in mlx-lm's layout, as `lorakit train` saves it, with random
+    non-zero B (and DoRA magnitudes) so that it visibly changes the model's logits."""
+    import lorakit.engine  # noqa: F401  (OpenBLAS before mlx)
+    import mlx.core as mx
+
+    from lorakit.engine.adapters import adapter_config, apply_adapters, save_adapter
+    from lorakit.engine.models import load_model
+    from lorakit.settings import TrainSettings
+
+    settings = TrainSettings(model=str(model_dir), data=Path("."), fine_tune_type=fine_tune_type, lora_rank=rank,
+                             lora_alpha=alpha, num_layers=num_layers, target_modules=list(target_modules))
+    loaded = load_model(settings)
+    lora_parameters = apply_adapters(loaded.model, settings)
+    mx.random.seed(seed)
+    for _, module in loaded.model.named_modules():
+        if hasattr(module, "lora_b"):
+            module.lora_b = b_scale * mx.random.normal(module.lora_b.shape)
+        if hasattr(module, "m"):
+            module.m = module.m * (1.0 + 0.2 * mx.random.normal(module.m.shape))
+    save_adapter(loaded.model, Path(path), adapter_config(settings, loaded, lora_parameters))
+    return Path(path)

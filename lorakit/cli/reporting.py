@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from rich.console import Console
@@ -100,3 +101,8 @@ class RichReporter(Reporter):
 
     def on_save(self, path: str, step: int) -> None:
         self.log(f"saved {path} (step {step})")
+
+    def on_token(self, text: str) -> None:
+        # Generated text is the result, so it goes to stdout (even with --quiet), flushed as it comes.
+        sys.stdout.write(text)
+        sys.stdout.flush()

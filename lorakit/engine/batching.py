@@ -1,0 +1,160 @@
+"""Examples -> padded batches: sorted by length, shuffled per epoch by seed, optionally packed.
+
+- Rows: one example per row, or with `pack` several examples per row of at most max_seq_length tokens
+  (best-fit decreasing), kept apart in attention by `PackedMask` (the per-layer stand-in cache that
+  mlx-lm models consult for their attention mask).
+- Batches: rows sorted by length and cut into batches of `batch_size`, so each batch pads little. The
+  order of batches is a permutation drawn from (seed, epoch), so any position (epoch, index) can be
+  resumed without stored RNG state.
+- Shapes are rounded up to buckets (8 per octave, at least 32) so the compiled step re-traces rarely.
+- `Batch.positions` lists the flat indices of loss-bearing targets (padded to a bucket) when they are a
+  small share of the batch: the loss then projects only those hidden states onto the vocabulary.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from lorakit.engine.data import Example
+
+GATHER_BELOW = 0.75  # gather loss positions when they are under this share of the batch's positions
+
+
+def bucket(n: int, minimum: int = 32) -> int:
+    """Round n up to a size with 8 steps per power of two (at least `minimum` granularity)."""
+    if n <= minimum:
+        return minimum
+    step = max(minimum, 2 ** (math.floor(math.log2(n)) - 3))
+    return -(-n // step) * step
+
+
+@dataclass
+class Batch:
+    inputs: np.ndarray  # (B, T) int32
+    targets: np.ndarray  # (B, T) int32: inputs shifted by one
+    weights: np.ndarray  # (B, T) float32: 1 where the target carries loss
+    segments: np.ndarray | None  # (B, T) int32: example number within the row (packing), 0 = padding
+    positions: np.ndarray | None  # (K,) int32: flat loss positions, padded with weight-0 entries
+    examples: int
+    n_positions: int = 0  # real entries at the front of positions
+
+    @property
+    def loss_tokens(self) -> int:
+        return int(self.weights.sum())
+
+    def to_mx(self) -> dict[str, mx.array | None]:
+        out: dict[str, mx.array | None] = {"inputs": mx.array(self.inputs), "segments": None, "positions": None}
+        if self.positions is not None:
+            weights = self.weights.reshape(-1)[self.positions]
+            weights[self.n_positions:] = 0
+            out["positions"] = mx.array(self.positions)
+            out["targets"] = mx.array(self.targets.reshape(-1)[self.positions])
+            out["weights"] = mx.array(weights)
+        else:
+            out["targets"] = mx.array(self.targets)
+            out["weights"] = mx.array(self.weights)
+        if self.segments is not None:
+            out["segments"] = mx.array(self.segments)
+        return out
+
+
+class PackedMask:
+    """Stand-in per-layer cache: keys/values pass through; the mask is causal within each example only."""
+
+    offset = 0
+
+    def __init__(self, segments: mx.array) -> None:
+        self.segments = segments
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        return keys, values
+
+    def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None) -> mx.array:
+        idx = mx.arange(n)
+        causal = idx[:, None] >= idx[None, :]
+        if window_size is not None:
+            causal = causal & (idx[:, None] < idx[None, :] + window_size)
+        same = self.segments[:, :, None] == self.segments[:, None, :]
+        return mx.expand_dims(same & causal, 1)
+
+
+def _pack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: each example goes to the fullest row that still has room for it."""
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # sorted (room left, row number)
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        k = bisect.bisect_left(free, (lengths[i], -1))
+        if k < len(free):
+            room, r = free.pop(k)
+            rows[r].append(i)
+            bisect.insort(free, (room - lengths[i], r))
+        else:
+            rows.append([i])
+            bisect.insort(free, (capacity - lengths[i], len(rows) - 1))
+    return rows
+
+
+class BatchPlan:
+    """Fixed rows and batches for a split; `order(epoch)` gives that epoch's batch order."""
+
+    def __init__(self, examples: list[Example], batch_size: int, max_seq_length: int, *, pack: bool = False,
+                 seed: int = 0, shuffle: bool = True) -> None:
+        self.examples = examples
+        self.pack = pack
+        self.seed = seed
+        self.shuffle = shuffle
+        self.max_seq_length = max_seq_length
+        lengths = [e.length for e in examples]
+        rows = _pack(lengths, max_seq_length) if pack else [[i] for i in range(len(examples))]
+        row_len = [sum(lengths[i] for i in row) for row in rows]
+        rows = [rows[r] for r in sorted(range(len(rows)), key=lambda r: (row_len[r], r))]
+        self.rows = rows
+        self.batches = [rows[i: i + batch_size] for i in range(0, len(rows), batch_size)]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.batches)))
+        return [int(i) for i in np.random.default_rng([self.seed, epoch]).permutation(len(self.batches))]
+
+    def iterate(self, epoch: int = 0, index: int = 0) -> Iterator[tuple[int, int, Batch]]:
+        """Yield (epoch, index within the epoch, batch) from a position on, looping over epochs."""
+        while True:
+            order = self.order(epoch)
+            for i in range(index, len(order)):
+                yield epoch, i, self.build(order[i])
+            epoch, index = epoch + 1, 0
+
+    def build(self, b: int) -> Batch:
+        rows = self.batches[b]
+        seqs = [[self.examples[i] for i in row] for row in rows]
+        longest = max(sum(e.length for e in row) for row in seqs)
+        width = min(bucket(longest - 1), self.max_seq_length - 1) + 1
+        tokens = np.zeros((len(rows), width), np.int32)
+        mask = np.zeros((len(rows), width), bool)
+        segments = np.zeros((len(rows), width), np.int32)
+        for r, row in enumerate(seqs):
+            at = 0
+            for s, ex in enumerate(row, 1):
+                tokens[r, at: at + ex.length] = ex.tokens
+                mask[r, at: at + ex.length] = ex.mask
+                segments[r, at: at + ex.length] = s
+                at += ex.length
+        weights = mask[:, 1:].astype(np.float32)
+        batch = Batch(inputs=tokens[:, :-1], targets=tokens[:, 1:], weights=weights,
+                      segments=segments[:, :-1] if self.pack else None, positions=None,
+                      examples=sum(len(row) for row in rows))
+        flat = np.flatnonzero(weights.reshape(-1)).astype(np.int32)
+        k = bucket(len(flat), 64)
+        if k < GATHER_BELOW * weights.size:
+            batch.positions = np.concatenate([flat, np.zeros(k - len(flat), np.int32)])
+            batch.n_positions = len(flat)
+        return batch

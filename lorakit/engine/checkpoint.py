@@ -1,0 +1,155 @@
+"""Training checkpoints: everything needed to continue a run exactly, written atomically with checksums.
+
+Layout under --adapter-path:
+
+    checkpoints/step-000100/
+        adapters.safetensors, adapter_config.json   mlx-lm adapter layout (each checkpoint is loadable)
+        optimizer.safetensors                        optimizer state (moments, step; the step drives the LR schedule)
+        rng.safetensors                              mx.random.state
+        trainer_state.json                           step, data position (epoch, batch index), best val loss, ...
+        checksums.json                               sha256 of every file above (written last)
+    best/                                            adapter with the lowest validation loss so far
+
+A checkpoint is written into a staging directory and renamed into place; one whose checksums are
+missing or wrong is reported and skipped in favour of the previous one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten
+
+from lorakit.engine.adapters import ADAPTER_FILE, save_adapter
+from lorakit.engine.reporter import Reporter
+from lorakit.errors import UserError
+from lorakit.io import read_json, replace_dir, sha256_file, staging_dir, write_json
+
+CHECKPOINTS = "checkpoints"
+BEST = "best"
+STATE_FILE = "trainer_state.json"
+CHECKSUMS = "checksums.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_dir(adapter_path: Path, step: int) -> Path:
+    return Path(adapter_path) / CHECKPOINTS / f"step-{step:06d}"
+
+
+def list_checkpoints(adapter_path: Path) -> list[Path]:
+    """Checkpoint directories, oldest first."""
+    root = Path(adapter_path) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def _save_tree(path: Path, tree: Any) -> None:
+    mx.save_safetensors(str(path), dict(tree_flatten(tree)))
+
+
+def save_checkpoint(adapter_path: Path, model: nn.Module, optimizer: optim.Optimizer, adapter_cfg: dict,
+                    state: dict, keep_last: int) -> Path:
+    """Write checkpoints/step-N atomically, then drop all but the newest `keep_last`."""
+    target = checkpoint_dir(adapter_path, state["step"])
+    staging = staging_dir(target)
+    try:
+        save_adapter(model, staging, adapter_cfg)
+        _save_tree(staging / "optimizer.safetensors", optimizer.state)
+        _save_tree(staging / "rng.safetensors", {"key": mx.random.state[0]})
+        write_json(staging / STATE_FILE, state)
+        files = sorted(p.name for p in staging.iterdir())
+        write_json(staging / CHECKSUMS, {name: sha256_file(staging / name) for name in files})
+        replace_dir(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for old in list_checkpoints(adapter_path)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def save_best(adapter_path: Path, model: nn.Module, adapter_cfg: dict, info: dict) -> Path:
+    """Replace best/ with the current adapter (and a note of its step and val loss)."""
+    target = Path(adapter_path) / BEST
+    staging = staging_dir(target)
+    try:
+        save_adapter(model, staging, adapter_cfg)
+        write_json(staging / "best.json", info)
+        replace_dir(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def problem(ckpt: Path) -> str | None:
+    """Why a checkpoint cannot be used (None if it is complete and intact)."""
+    sums_file = Path(ckpt) / CHECKSUMS
+    if not sums_file.exists():
+        return "incomplete (no checksums.json)"
+    try:
+        sums = json.loads(sums_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return "unreadable checksums.json"
+    for name in (ADAPTER_FILE, "optimizer.safetensors", "rng.safetensors", STATE_FILE):
+        if name not in sums:
+            return f"checksums.json does not list {name}"
+    for name, digest in sums.items():
+        path = Path(ckpt) / name
+        if not path.exists():
+            return f"{name} is missing"
+        if sha256_file(path) != digest:
+            return f"{name} does not match its checksum (corrupt or partly written)"
+    return None
+
+
+def latest_valid(adapter_path: Path, reporter: Reporter) -> Path | None:
+    """The newest intact checkpoint; damaged newer ones are reported and skipped."""
+    for ckpt in reversed(list_checkpoints(adapter_path)):
+        why = problem(ckpt)
+        if why is None:
+            return ckpt
+        reporter.warn(f"checkpoint {ckpt} is unusable: {why}; trying the previous one")
+    return None
+
+
+def _assign(tree: Any, dotted: str, value: mx.array) -> bool:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node.get(key)
+        if node is None:
+            return False
+    if isinstance(node, list):
+        node[int(leaf)] = value
+    elif isinstance(node, dict) and leaf in node:
+        node[leaf] = value
+    else:
+        return False
+    return True
+
+
+def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: optim.Optimizer) -> dict:
+    """Restore adapter weights, optimizer state and RNG from `ckpt` in place; return its trainer state."""
+    weights = mx.load(str(Path(ckpt) / ADAPTER_FILE))
+    trainable = dict(tree_flatten(model.trainable_parameters()))
+    if set(weights) != set(trainable):
+        raise UserError(f"--resume-from {ckpt}: its adapter does not match this run's settings "
+                        f"(different --fine-tune-type, --lora-rank, --num-layers or --target-modules?)")
+    model.load_weights(list(weights.items()), strict=False)
+    # Fill the optimizer's freshly initialised state in place: the compiled step holds that dict.
+    optimizer.init(model.trainable_parameters())
+    for key, value in mx.load(str(Path(ckpt) / "optimizer.safetensors")).items():
+        if not _assign(optimizer.state, key, value):
+            raise UserError(f"--resume-from {ckpt}: optimizer state '{key}' does not fit this run "
+                            "(a different --optimizer?)")
+    mx.random.state[0] = mx.load(str(Path(ckpt) / "rng.safetensors"))["key"]
+    mx.eval(model.parameters(), optimizer.state, mx.random.state)
+    return read_json(Path(ckpt) / STATE_FILE)

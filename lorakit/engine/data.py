@@ -1,0 +1,350 @@
+"""Training / evaluation data: read an mlx-lm-format split, tokenise it once (cached), and mark loss tokens.
+
+Public API (train and eval share it):
+
+    load_split(data_dir, split, tokenizer, train_on, max_seq_length, reporter, cache_dir=None) -> Split
+
+`Split.examples` is a list of `Example(tokens, mask)`: `tokens` (int32) are the whole rendered example,
+`mask[i]` (bool) says whether token i is a *target* that carries loss (it is predicted from tokens[:i]).
+`mask[0]` is always False, padding never exists inside an Example, and an example with no loss-bearing
+token left after truncation is dropped (and counted).
+
+Record formats (detected per split from the first record, like mlx-lm):
+  chat         {"messages": [{"role", "content"}, ...], "tools": [...]?}  rendered by the tokenizer's
+               chat template
+  completions  {"prompt": ..., "completion": ...}  rendered as a user/assistant chat when the tokenizer has
+               a chat template, else as prompt + completion + eos
+  text         {"text": ...}  tokenised as is, eos appended
+
+--train-on (auto picks assistant for chat, completions for prompt/completion, all for text):
+  all          every token
+  completions  the last assistant turn (chat) or the completion, each with its end-of-turn token
+  assistant    every assistant turn's content and its end-of-turn token; never system/user/tool text,
+               never the template's header before the assistant content, never the separator after
+               the end-of-turn token
+
+Masks are computed without knowing the template: for assistant turn i, the text rendering adds
+between messages[:i] + generation prompt and messages[:i+1] is the turn (content + end-of-turn). It sits
+right after the prefix in the full rendering, or, for templates that re-render earlier turns (Mistral
+moves the system prompt to the last user turn), wherever that text is found. The tokens of the full
+rendering (HF offsets) that lie inside that span are marked, up to its last special token, so the
+separator after the end-of-turn token (e.g. the newline after <|im_end|>) is left out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lorakit.engine.reporter import Reporter
+from lorakit.errors import UserError
+from lorakit.io import iter_jsonl, sha256_file
+
+CACHE_VERSION = 1
+FORMATS = ("chat", "completions", "text")
+
+
+@dataclass
+class Example:
+    tokens: np.ndarray  # int32, the rendered example
+    mask: np.ndarray  # bool, True where the token is a loss target
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def loss_tokens(self) -> int:
+        return int(self.mask.sum())
+
+
+@dataclass
+class Split:
+    path: Path
+    format: str
+    train_on: str
+    examples: list[Example]
+    truncated: int  # examples cut to max_seq_length
+    dropped: int  # examples left without any loss token (after truncation)
+
+    @property
+    def tokens(self) -> int:
+        return sum(e.length for e in self.examples)
+
+    @property
+    def loss_tokens(self) -> int:
+        return sum(e.loss_tokens for e in self.examples)
+
+
+def split_path(data_dir: Path, split: str) -> Path:
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"--data {data_dir}: not a directory; expected one with train.jsonl and valid.jsonl "
+                        "(run `lorakit prepare` to make one)")
+    path = data_dir / f"{split}.jsonl"
+    if not path.exists():
+        raise UserError(f"--data {data_dir}: no {split}.jsonl in it (run `lorakit prepare` to make the splits)")
+    return path
+
+
+def detect_format(record: dict, where: str) -> str:
+    if "messages" in record:
+        return "chat"
+    if "prompt" in record and "completion" in record:
+        return "completions"
+    if "text" in record:
+        return "text"
+    raise UserError(f"{where}: expected a 'messages', 'prompt'+'completion' or 'text' record, got keys "
+                    f"{sorted(record)}; run `lorakit prepare` to convert it")
+
+
+def resolve_train_on(train_on: str, fmt: str, where: str) -> str:
+    if train_on == "auto":
+        return {"chat": "assistant", "completions": "completions", "text": "all"}[fmt]
+    if fmt == "text" and train_on != "all":
+        raise UserError(f"--train-on {train_on}: {where} holds plain 'text' records, which have no prompt or "
+                        "assistant turns to select; use --train-on all (or auto), or prepare chat data")
+    return train_on
+
+
+def _hf(tokenizer: Any) -> Any:
+    return getattr(tokenizer, "_tokenizer", tokenizer)
+
+
+def _special_ids(tokenizer: Any) -> set[int]:
+    hf = _hf(tokenizer)
+    ids = set(getattr(tokenizer, "eos_token_ids", None) or []) | set(hf.all_special_ids)
+    for token_id, added in getattr(hf, "added_tokens_decoder", {}).items():
+        if getattr(added, "special", False):
+            ids.add(int(token_id))
+    return ids
+
+
+def _encode_with_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    enc = _hf(tokenizer)(text, add_special_tokens=False, return_offsets_mapping=True)
+    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class _Renderer:
+    """Tokenises one split's records and computes their loss masks."""
+
+    def __init__(self, tokenizer: Any, fmt: str, train_on: str, path: Path, reporter: Reporter) -> None:
+        self.tokenizer = tokenizer
+        self.fmt = fmt
+        self.train_on = train_on
+        self.path = path
+        self.reporter = reporter
+        self.special = _special_ids(tokenizer)
+        self.has_template = bool(getattr(_hf(tokenizer), "chat_template", None))
+        self.warned_unstable = False
+
+    def render(self, messages: list[dict], tools: Any, generation_prompt: bool) -> str:
+        kwargs = {"tools": tools} if tools else {}
+        return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=generation_prompt, **kwargs)
+
+    def example(self, record: dict, lineno: int) -> Example:
+        where = f"{self.path}:{lineno}"
+        if self.fmt == "text":
+            return self._text(record, where)
+        if self.fmt == "completions":
+            prompt, completion = record.get("prompt"), record.get("completion")
+            if not isinstance(prompt, str) or not isinstance(completion, str):
+                raise UserError(f"{where}: 'prompt' and 'completion' must be strings")
+            if not self.has_template:
+                return self._plain_completion(prompt, completion)
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+            return self._chat(messages, record.get("tools"), where)
+        messages = record.get("messages")
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and "role" in m for m in messages):
+            raise UserError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+        return self._chat(messages, record.get("tools"), where)
+
+    def _text(self, record: dict, where: str) -> Example:
+        text = record.get("text")
+        if not isinstance(text, str) or not text:
+            raise UserError(f"{where}: 'text' must be a non-empty string")
+        tokens = list(self.tokenizer.encode(text))
+        if tokens[-1] != self.tokenizer.eos_token_id:
+            tokens.append(self.tokenizer.eos_token_id)
+        return _example(tokens, [True] * len(tokens))
+
+    def _plain_completion(self, prompt: str, completion: str) -> Example:
+        tokens, offsets = _encode_with_offsets(self.tokenizer, prompt + completion)
+        mask = [self.train_on == "all" or start >= len(prompt) for start, _ in offsets]
+        return _example(tokens + [self.tokenizer.eos_token_id], mask + [True])
+
+    def _chat(self, messages: list[dict], tools: Any, where: str) -> Example:
+        if not self.has_template:
+            raise UserError(f"{where}: chat records need a chat template, and this tokenizer has none; "
+                            "render the data with `lorakit prepare --format text --template NAME`")
+        try:
+            full = self.render(messages, tools, generation_prompt=False)
+        except Exception as e:  # jinja raises anything (e.g. templates that require alternating roles)
+            raise UserError(f"{where}: the chat template cannot render this conversation: {e}") from None
+        tokens, offsets = _encode_with_offsets(self.tokenizer, full)
+        if self.train_on == "all":
+            return _example(tokens, [True] * len(tokens))
+        turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+        if self.train_on == "completions":
+            turns = turns[-1:]
+        if not turns:
+            raise UserError(f"{where}: no assistant message to train on (--train-on {self.train_on}); "
+                            "add one or use --train-on all")
+        mask = [False] * len(tokens)
+        for i in turns:
+            span = self._turn_span(messages, tools, i, full)
+            if span is None:
+                continue
+            marked = [j for j, (s, e) in enumerate(offsets) if span[0] <= s < span[1] and e <= span[1]]
+            # keep up to the turn's end-of-turn token, not the separator the template puts after it
+            specials = [j for j in marked if tokens[j] in self.special]
+            if specials:
+                marked = [j for j in marked if j <= specials[-1]]
+            for j in marked:
+                mask[j] = True
+        return _example(tokens, mask)
+
+    def _turn_span(self, messages: list[dict], tools: Any, i: int, full: str) -> tuple[int, int] | None:
+        """Character span of assistant turn i in `full`: what rendering the turn adds after its header."""
+        before = self.render(messages[:i], tools, generation_prompt=True) if i else ""
+        through = self.render(messages[: i + 1], tools, generation_prompt=False)
+        piece = through[_common_prefix(before, through):]
+        if full.startswith(before):
+            start = len(before)
+        else:
+            # The template renders earlier turns differently once later ones exist (e.g. Mistral moves
+            # the system prompt to the last user turn): find this turn's own text instead.
+            start = full.find(piece, _common_prefix(full, before))
+            if start < 0:
+                if not self.warned_unstable:
+                    self.warned_unstable = True
+                    self.reporter.warn(f"{self.path}: cannot locate an assistant turn in the rendered chat "
+                                       "(the template renders conversation prefixes differently); such turns "
+                                       "carry no loss")
+                return None
+        # the piece may end with text the template adds only at the very end (e.g. a final eos)
+        return start, start + _common_prefix(full[start:], piece)
+
+
+def _example(tokens: list[int], mask: list[bool]) -> Example:
+    mask_arr = np.array(mask, dtype=bool)
+    mask_arr[0] = False  # nothing predicts the first token (and packing relies on it)
+    return Example(np.array(tokens, dtype=np.int32), mask_arr)
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash that changes when the tokenisation or chat template would."""
+    hf = _hf(tokenizer)
+    h = hashlib.sha256()
+    backend = getattr(hf, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else repr(sorted(hf.get_vocab().items())).encode())
+    h.update(str(getattr(hf, "chat_template", None)).encode())
+    h.update(repr(sorted(_special_ids(tokenizer))).encode())
+    h.update(str(tokenizer.eos_token_id).encode())
+    return h.hexdigest()
+
+
+def cache_root() -> Path:
+    import os
+
+    return Path(os.environ.get("LORAKIT_CACHE") or Path.home() / ".cache" / "lorakit")
+
+
+def _cache_file(cache_dir: Path, path: Path, tokenizer: Any, train_on: str, max_seq_length: int) -> Path:
+    key = hashlib.sha256(json.dumps([CACHE_VERSION, sha256_file(path), tokenizer_fingerprint(tokenizer),
+                                     train_on, max_seq_length]).encode()).hexdigest()[:32]
+    return Path(cache_dir) / "tokenized" / f"{key}.npz"
+
+
+def _save_cache(file: Path, split: Split) -> None:
+    from lorakit.io import atomic_path
+
+    lengths = np.array([e.length for e in split.examples], dtype=np.int64)
+    with atomic_path(file) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, lengths=lengths,
+                     tokens=np.concatenate([e.tokens for e in split.examples]) if split.examples else
+                     np.zeros(0, np.int32),
+                     mask=np.concatenate([e.mask for e in split.examples]) if split.examples else
+                     np.zeros(0, bool),
+                     info=np.array(json.dumps({"format": split.format, "train_on": split.train_on,
+                                               "truncated": split.truncated, "dropped": split.dropped})))
+
+
+def _load_cache(file: Path, path: Path) -> Split | None:
+    try:
+        with np.load(file) as z:
+            info = json.loads(str(z["info"]))
+            bounds = np.cumsum(np.concatenate([[0], z["lengths"]]))
+            tokens, mask = z["tokens"], z["mask"]
+    except (OSError, ValueError, KeyError):
+        return None  # a damaged cache entry is rebuilt
+    examples = [Example(tokens[a:b], mask[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    return Split(path, info["format"], info["train_on"], examples, info["truncated"], info["dropped"])
+
+
+def load_split(data_dir: Path, split: str, tokenizer: Any, train_on: str, max_seq_length: int,
+               reporter: Reporter | None = None, cache_dir: Path | None = None) -> Split:
+    """Read `data_dir/<split>.jsonl`, tokenise (or reuse the cache), truncate, and compute loss masks."""
+    reporter = reporter or Reporter()
+    path = split_path(data_dir, split)
+    cache_file = _cache_file(cache_dir or cache_root(), path, tokenizer, train_on, max_seq_length)
+    if cache_file.exists():
+        cached = _load_cache(cache_file, path)
+        if cached is not None:
+            _report(cached, max_seq_length, reporter)
+            return cached
+    records = list(iter_jsonl(path))
+    if not records:
+        raise UserError(f"{path}: no records; the {split} split must hold at least one example")
+    fmt = detect_format(records[0][1], f"{path}:{records[0][0]}")
+    effective = resolve_train_on(train_on, fmt, str(path))
+    renderer = _Renderer(tokenizer, fmt, effective, path, reporter)
+    examples: list[Example] = []
+    truncated = dropped = 0
+    reporter.start(f"tokenising {split}", total=len(records))
+    for lineno, record in records:
+        if detect_format(record, f"{path}:{lineno}") != fmt:
+            raise UserError(f"{path}:{lineno}: record format differs from line {records[0][0]} ({fmt}); "
+                            "one split must use one format")
+        ex = renderer.example(record, lineno)
+        if ex.length > max_seq_length:
+            truncated += 1
+            ex = Example(ex.tokens[:max_seq_length], ex.mask[:max_seq_length])
+        if ex.loss_tokens == 0:
+            dropped += 1
+        else:
+            examples.append(ex)
+        reporter.advance(1)
+    reporter.finish()
+    result = Split(path, fmt, effective, examples, truncated, dropped)
+    _save_cache(cache_file, result)
+    _report(result, max_seq_length, reporter)
+    return result
+
+
+def _report(split: Split, max_seq_length: int, reporter: Reporter) -> None:
+    if split.truncated:
+        reporter.warn(f"{split.path}: {split.truncated} of {len(split.examples) + split.dropped} examples are "
+                      f"longer than --max-seq-length {max_seq_length} and were truncated")
+    if split.dropped:
+        reporter.warn(f"{split.path}: {split.dropped} examples have no loss-bearing token "
+                      f"(--train-on {split.train_on}) after truncation and were skipped")
+    if not split.examples:
+        raise UserError(f"{split.path}: no usable examples (all {split.dropped} lack loss-bearing tokens); "
+                        "raise --max-seq-length or check --train-on")

@@ -1,0 +1,426 @@
+"""`lorakit eval`: what a model (and an adapter) does on a data split.
+
+For each evaluated model ("base" and/or "adapter"):
+  loss        token-weighted cross-entropy and perplexity over the split's loss-bearing tokens, with the
+              same tokenisation and masks as training (lorakit.engine.data / batching / losses)
+  generation  (--generate) the prompt (everything before the last assistant turn) is completed and scored
+              against that turn: exact match, contains, token F1, and labels (--label-pattern / --labels)
+  judge       (--judge) every judge record asked as given and with answers A and B swapped: verdict
+              accuracy, position consistency, agreement and A/B/tie bias (see lorakit.engine.metrics)
+
+--compare-base loads the model once: the adapter is applied, and the base is evaluated with the LoRA layers
+switched off (lorakit.engine.generate.base_model). Outputs go to --out: eval.json (the EvalResult) and
+predictions.jsonl (one row per model and example).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from lorakit.engine import metrics
+from lorakit.engine.adapters import ADAPTER_FILE, check_base, load_adapter, read_adapter_config, resolve_adapter_dir
+from lorakit.engine.batching import Batch, BatchPlan
+from lorakit.engine.data import Example, load_split, split_path
+from lorakit.engine.generate import base_model, build_prompt, generate_batch, make_sampling
+from lorakit.engine.judge import JudgeItem, JudgePrompt, judge_item
+from lorakit.engine.losses import loss_head
+from lorakit.engine.models import LoadedModel, load_model
+from lorakit.engine.reporter import Reporter
+from lorakit.errors import UserError
+from lorakit.io import iter_jsonl, replace_dir, sha256_file, staging_dir, write_json, write_jsonl
+from lorakit.settings import EvalSettings, settings_dict
+
+JUDGE_LABELS = list(metrics.VERDICTS)
+
+
+@dataclass
+class EvalResult:
+    split: str
+    data: str
+    out: str
+    examples: int  # evaluated (after --limit)
+    split_examples: int  # records in the split file
+    model: dict[str, Any]
+    adapter: dict[str, Any] | None
+    results: dict[str, dict[str, Any]]  # "base" / "adapter" -> {"loss": ..., "generation": ..., "judge": ...}
+    change: dict[str, float]  # adapter minus base, with --compare-base
+    settings: dict[str, Any]
+    elapsed_s: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Record:
+    """One chosen example of the split: its line, the raw record, and what generation needs."""
+
+    index: int  # position in the split file
+    line: int
+    raw: dict[str, Any]
+    prompt: str | list[dict] | None = None  # --generate: text or chat before the last assistant turn
+    reference: str | None = None
+    reference_label: str | None = None
+    judge: JudgeItem | None = None
+
+
+def choose(n: int, limit: int | None, seed: int) -> list[int]:
+    """Indices of the examples to evaluate: all, or `limit` of them drawn by `seed`, in file order."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    return sorted(random.Random(seed).sample(range(n), limit))
+
+
+def out_dir(settings: EvalSettings) -> Path:
+    if settings.out is not None:
+        return Path(settings.out)
+    name = f"eval-{settings.split}"
+    return Path(settings.adapter_path) / name if settings.adapter_path else Path(name)
+
+
+def _check_out(path: Path, overwrite: bool) -> None:
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path}: exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise UserError(f"--out {path}: holds an earlier evaluation; pass --overwrite to replace it "
+                        "(or --out DIR for another place)")
+
+
+def generation_parts(raw: dict, where: str) -> tuple[str | list[dict], str]:
+    """(prompt, reference) of a chat or prompt/completion record: the last assistant turn is the reference."""
+    if isinstance(raw.get("messages"), list):
+        messages = raw["messages"]
+        turns = [i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"]
+        if not turns or turns[-1] == 0:
+            raise UserError(f"{where}: --generate needs a chat with an assistant turn after some prompt")
+        last = turns[-1]
+        return messages[:last], str(messages[last].get("content", ""))
+    if isinstance(raw.get("prompt"), str) and isinstance(raw.get("completion"), str):
+        return raw["prompt"], raw["completion"]
+    raise UserError(f"{where}: --generate needs chat ('messages') or 'prompt'/'completion' records to split into "
+                    "prompt and reference; plain 'text' records have no reference answer")
+
+
+def _label_extractor(settings: EvalSettings) -> metrics.LabelExtractor | None:
+    if settings.label_pattern is None and not settings.labels:
+        return None
+    try:
+        return metrics.LabelExtractor(settings.label_pattern, settings.labels, settings.ignore_case)
+    except Exception as e:  # re.error
+        raise UserError(f"--label-pattern {settings.label_pattern!r}: not a valid regular expression ({e})") from None
+
+
+def read_records(settings: EvalSettings, path: Path, reporter: Reporter) -> tuple[list[Record], int]:
+    """The chosen records with everything generation and judging need; every input problem is raised here,
+    before a model is loaded."""
+    rows = list(iter_jsonl(path))
+    if not rows:
+        raise UserError(f"{path}: no records; the {settings.split} split must hold at least one example")
+    records = [Record(index=i, line=rows[i][0], raw=rows[i][1])
+               for i in choose(len(rows), settings.limit, settings.seed)]
+    extractor = _label_extractor(settings)
+    for rec in records:
+        where = f"{path}:{rec.line}"
+        if settings.generate:
+            rec.prompt, rec.reference = generation_parts(rec.raw, where)
+            if extractor is not None:
+                rec.reference_label = extractor(rec.reference)
+        if settings.judge:
+            rec.judge = judge_item(rec.raw, rec.line, path)
+    if extractor is not None:
+        labelled = sum(r.reference_label is not None for r in records)
+        how = f"--label-pattern {settings.label_pattern!r}" if settings.label_pattern else f"--labels {','.join(settings.labels)}"
+        if labelled == 0:
+            sample = (records[0].reference or "")[:120]
+            raise UserError(f"{how}: found no label in any reference of {path} (e.g. line {records[0].line}: "
+                            f"{sample!r}); fix the pattern or labels")
+        if labelled < len(records):
+            reporter.warn(f"{how}: {len(records) - labelled} of {len(records)} references have no label; "
+                          "they are left out of label accuracy")
+    return records, len(rows)
+
+
+def adapter_identity(settings: EvalSettings, loaded: LoadedModel, reporter: Reporter) -> dict[str, Any] | None:
+    """Check the adapter fits the base (exit 2 if not) before anything is evaluated; describe it."""
+    if settings.adapter_path is None:
+        return None
+    directory = resolve_adapter_dir(settings.adapter_path)
+    config = read_adapter_config(directory)
+    check_base(config, loaded, directory, reporter)
+    return {
+        "path": str(settings.adapter_path),
+        "dir": str(directory),
+        "trained_on": config.get("model"),
+        "fine_tune_type": config.get("fine_tune_type", "lora"),
+        "lora_parameters": {k: v for k, v in (config.get("lora_parameters") or {}).items() if k != "keys"},
+        "sha256": sha256_file(directory / ADAPTER_FILE),
+    }
+
+
+def model_identity(settings: EvalSettings, loaded: LoadedModel) -> dict[str, Any]:
+    return {"name": loaded.name, "path": str(loaded.path), "source": loaded.source, "dtype": settings.dtype,
+            "quantization": loaded.config.get("quantization"), "signature": loaded.signature}
+
+
+# ---- loss ---------------------------------------------------------------------------------------------------
+
+def row_losses(model: nn.Module, batch: Batch, head: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row loss sums and loss-token counts of one batch.
+
+    The computation of lorakit.engine.losses.batch_loss (same targets, weights, gathered positions and
+    projection), summed per row instead of over the whole batch; tests check the totals agree.
+    """
+    data = batch.to_mx()
+    inputs = data["inputs"]
+    rows, width = inputs.shape
+    positions = data["positions"]
+    if positions is None:
+        positions = mx.arange(rows * width)
+        targets, weights = data["targets"].reshape(-1), data["weights"].reshape(-1)
+    else:
+        targets, weights = data["targets"], data["weights"]
+    if head is None:
+        logits = model(inputs)
+        logits = logits.reshape(-1, logits.shape[-1])[positions]
+    else:
+        hidden = model.model(inputs)
+        hidden = hidden.reshape(-1, hidden.shape[-1])[positions]
+        logits = model.lm_head(hidden) if head == "lm_head" else model.model.embed_tokens.as_linear(hidden)
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets) * weights
+    owner = positions // width
+    sums = mx.zeros((rows,), dtype=mx.float32).at[owner].add(ce)
+    counts = mx.zeros((rows,), dtype=mx.float32).at[owner].add(weights)
+    mx.eval(sums, counts)
+    return np.array(sums), np.array(counts)
+
+
+def example_losses(model: nn.Module, examples: list[Example], settings: EvalSettings, reporter: Reporter,
+                   label: str) -> tuple[np.ndarray, np.ndarray]:
+    """Loss sum and loss-token count of every example, batched by length (the order of `examples` kept)."""
+    plan = BatchPlan(examples, settings.batch_size, settings.max_seq_length, pack=False, shuffle=False)
+    head = loss_head(model)
+    sums, counts = np.zeros(len(examples)), np.zeros(len(examples))
+    reporter.start(f"loss ({label})", total=len(examples))
+    done_sum = done_tokens = 0.0
+    for b in range(len(plan)):
+        members = [row[0] for row in plan.batches[b]]
+        row_sum, row_count = row_losses(model, plan.build(b), head)
+        sums[members], counts[members] = row_sum, row_count
+        done_sum, done_tokens = done_sum + row_sum.sum(), done_tokens + row_count.sum()
+        reporter.advance(len(members), loss=done_sum / max(done_tokens, 1))
+    reporter.finish()
+    return sums, counts
+
+
+def loss_metrics(sums: np.ndarray, counts: np.ndarray) -> dict[str, float]:
+    tokens = float(counts.sum())
+    loss = float(sums.sum()) / tokens if tokens else float("nan")
+    return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else float("inf"), "tokens": int(tokens),
+            "examples": int(len(counts))}
+
+
+def loss_examples(settings: EvalSettings, loaded: LoadedModel, records: list[Record], n_rows: int,
+                  reporter: Reporter) -> list[Example]:
+    """The tokenised, masked examples of the chosen records (via data.load_split, as training reads them)."""
+    split = load_split(settings.data, settings.split, loaded.tokenizer, settings.train_on, settings.max_seq_length,
+                       reporter)
+    if split.dropped:
+        raise UserError(f"{split.path}: {split.dropped} examples have no loss-bearing token within "
+                        f"--max-seq-length {settings.max_seq_length} (--train-on {split.train_on}); raise "
+                        "--max-seq-length so every example can be scored")
+    if len(split.examples) != n_rows:
+        raise UserError(f"{split.path}: read {n_rows} records but tokenised {len(split.examples)}; "
+                        "is the file being rewritten?")
+    return [split.examples[r.index] for r in records]
+
+
+# ---- generation and judging ---------------------------------------------------------------------------------
+
+def _generate(loaded: LoadedModel, prompts: list[list[int]], settings: EvalSettings, reporter: Reporter,
+              task: str) -> list[str]:
+    reporter.start(task, total=len(prompts))
+    answers = generate_batch(loaded.model, loaded.tokenizer, prompts, make_sampling(settings), settings.max_tokens,
+                             settings.stop, settings.seed, settings.batch_size,
+                             on_result=lambda i: reporter.advance(1))
+    reporter.finish()
+    return [a.text for a in answers]
+
+
+def _prompt_tokens(loaded: LoadedModel, prompt: str | list[dict], where: str) -> list[int]:
+    try:
+        return build_prompt(loaded.tokenizer, prompt, chat_template=loaded.tokenizer.has_chat_template)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+
+
+def generation_metrics(records: list[Record], outputs: list[str], settings: EvalSettings,
+                       extractor: metrics.LabelExtractor | None) -> tuple[dict, list[dict]]:
+    scores, rows = [], []
+    predicted = []
+    for rec, output in zip(records, outputs):
+        score = metrics.text_scores(output, rec.reference, settings.ignore_case)
+        scores.append(score)
+        row = {"output": output, **score}
+        if extractor is not None:
+            label = extractor(output)
+            predicted.append(label)
+            row.update(label=label, reference_label=rec.reference_label,
+                       correct=None if rec.reference_label is None else label == rec.reference_label)
+        else:
+            row["correct"] = score["exact_match"]
+        rows.append(row)
+    result: dict[str, Any] = metrics.text_metrics(scores)
+    if extractor is not None:
+        labels = metrics.label_metrics([r.reference_label for r in records], predicted, settings.labels)
+        result["label_accuracy"] = labels.pop("accuracy")
+        result["labels"] = labels
+    return result, rows
+
+
+def judge_results(items: list[JudgeItem], original: list[str], swapped: list[str],
+                  extractor: metrics.LabelExtractor) -> tuple[dict, list[dict]]:
+    verdicts = [extractor(t) for t in original]
+    verdicts_swapped = [extractor(t) for t in swapped]
+    result = metrics.judge_metrics([it.verdict for it in items], verdicts, verdicts_swapped)
+    rows = []
+    for it, out, out_s, v, v_s in zip(items, original, swapped, verdicts, verdicts_swapped):
+        rows.append({"judge_output": out, "judge_label": v, "judge_correct": v == it.verdict,
+                     "judge_output_swapped": out_s, "judge_label_swapped": v_s,
+                     "judge_correct_swapped": v_s == metrics.swap_verdict(it.verdict),
+                     "judge_consistent": v is not None and v_s == metrics.swap_verdict(v)})
+    return result, rows
+
+
+# ---- one model ----------------------------------------------------------------------------------------------
+
+def evaluate(name: str, loaded: LoadedModel, settings: EvalSettings, records: list[Record],
+             examples: list[Example], template: JudgePrompt | None, reporter: Reporter,
+             timings: dict[str, float]) -> tuple[dict, list[dict]]:
+    """All requested metrics for the model as it stands now; returns (metrics, prediction rows)."""
+    rows: list[dict[str, Any]] = [{"model": name, "index": r.index, "line": r.line} for r in records]
+    result: dict[str, Any] = {}
+
+    t0 = time.perf_counter()
+    sums, counts = example_losses(loaded.model, examples, settings, reporter, name)
+    result["loss"] = loss_metrics(sums, counts)
+    for row, s, c in zip(rows, sums, counts):
+        row.update(loss=float(s / c) if c else None, loss_tokens=int(c))
+    timings[f"{name}.loss_s"] = time.perf_counter() - t0
+
+    if settings.generate:
+        t0 = time.perf_counter()
+        prompts = [_prompt_tokens(loaded, r.prompt, f"{settings.data}/{settings.split}.jsonl:{r.line}")
+                   for r in records]
+        outputs = _generate(loaded, prompts, settings, reporter, f"generate ({name})")
+        result["generation"], gen_rows = generation_metrics(records, outputs, settings, _label_extractor(settings))
+        for row, rec, gen in zip(rows, records, gen_rows):
+            row.update(input=rec.prompt, reference=rec.reference, **gen)
+        timings[f"{name}.generate_s"] = time.perf_counter() - t0
+
+    if template is not None:
+        t0 = time.perf_counter()
+        items = [r.judge for r in records]
+        asked = [*items, *[it.swapped() for it in items]]
+        prompts = [_prompt_tokens(loaded, template.messages(it), f"{settings.data}/{settings.split}.jsonl:{it.line}")
+                   for it in asked]
+        outputs = _generate(loaded, prompts, settings, reporter, f"judge ({name})")
+        extractor = metrics.LabelExtractor(settings.label_pattern, JUDGE_LABELS, settings.ignore_case)
+        result["judge"], judge_rows = judge_results(items, outputs[:len(items)], outputs[len(items):], extractor)
+        result["judge"]["template"] = template.source
+        for row, it, jr in zip(rows, items, judge_rows):
+            row.setdefault("input", {"question": it.question, "answer_a": it.answer_a, "answer_b": it.answer_b})
+            row.setdefault("reference", it.verdict)
+            row.update(jr)
+            row.setdefault("output", jr["judge_output"])
+            row.setdefault("label", jr["judge_label"])
+            row.setdefault("correct", jr["judge_correct"])
+        timings[f"{name}.judge_s"] = time.perf_counter() - t0
+    return result, rows
+
+
+# ---- the command --------------------------------------------------------------------------------------------
+
+HEADLINE = {
+    "loss": ("loss", "perplexity"),
+    "generation": ("exact_match", "contains", "f1", "label_accuracy"),
+    "judge": ("accuracy", "swapped_accuracy", "consistency", "agreement", "position_bias"),
+}
+
+
+def headline(result: dict[str, Any]) -> dict[str, float]:
+    """The comparable numbers of one model's results, as 'section.metric' -> value."""
+    return {f"{section}.{k}": result[section][k] for section, keys in HEADLINE.items() if section in result
+            for k in keys if isinstance(result[section].get(k), (int, float))}
+
+
+def _table(result: EvalResult, reporter: Reporter) -> None:
+    names = list(result.results)
+    flat = {n: headline(result.results[n]) for n in names}
+    keys = list(flat[names[-1]])
+    rows = []
+    for key in keys:
+        row = [key, *[f"{flat[n][key]:.4f}" for n in names]]
+        if key in result.change:
+            row.append(f"{result.change[key]:+.4f}")
+        rows.append(tuple(row))
+    header = ("metric", *names, *(("change",) if result.change else ()))
+    reporter.table(f"eval: {result.split} ({result.examples} examples)", rows, header)
+
+
+def run(settings: EvalSettings, reporter: Reporter) -> EvalResult:
+    start = time.perf_counter()
+    if settings.compare_base and settings.adapter_path is None:
+        raise UserError("--compare-base compares an adapter with its base: pass --adapter-path too")
+    path = split_path(settings.data, settings.split)
+    out = out_dir(settings)
+    _check_out(out, settings.overwrite)
+    template = JudgePrompt(settings.judge_template) if settings.judge else None
+    records, n_rows = read_records(settings, path, reporter)
+
+    loaded = load_model(settings, reporter)
+    adapter = adapter_identity(settings, loaded, reporter)
+    examples = loss_examples(settings, loaded, records, n_rows, reporter)
+    if settings.adapter_path is not None:
+        load_adapter(loaded, settings.adapter_path, reporter)
+    loaded.model.eval()
+
+    timings: dict[str, float] = {}
+    results: dict[str, dict[str, Any]] = {}
+    predictions: list[dict[str, Any]] = []
+    if settings.adapter_path is None or settings.compare_base:
+        with base_model(loaded.model):
+            results["base"], rows = evaluate("base", loaded, settings, records, examples, template, reporter,
+                                              timings)
+        predictions += rows
+    if settings.adapter_path is not None:
+        results["adapter"], rows = evaluate("adapter", loaded, settings, records, examples, template,
+                                                 reporter, timings)
+        predictions += rows
+
+    change = {}
+    if len(results) == 2:
+        base, tuned = headline(results["base"]), headline(results["adapter"])
+        change = {k: tuned[k] - base[k] for k in tuned if k in base}
+    result = EvalResult(split=settings.split, data=str(settings.data), out=str(out), examples=len(records),
+                        split_examples=n_rows, model=model_identity(settings, loaded), adapter=adapter,
+                        results=results, change=change, settings=settings_dict(settings), timings=timings)
+    result.elapsed_s = time.perf_counter() - start
+
+    staging = staging_dir(out)
+    try:
+        write_jsonl(staging / "predictions.jsonl", predictions)
+        write_json(staging / "eval.json", asdict(result))
+        replace_dir(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    reporter.log(f"wrote {out}/eval.json and {out}/predictions.jsonl")
+    _table(result, reporter)
+    return result

@@ -1,0 +1,299 @@
+"""`lorakit fuse`: merge a LoRA/DoRA adapter into its base and ship one verified model directory.
+
+The directory loads with `mlx_lm.load` and, when float, with transformers; `--export-gguf` adds a GGUF for
+llama.cpp. Nothing is shipped unless the saved model, loaded back from disk, reproduces base+adapter logits
+on a few fixed prompts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from lorakit.engine.adapters import load_adapter, read_adapter_config, resolve_adapter_dir
+from lorakit.engine.gguf_export import GgufExport, check_exportable, export_gguf
+from lorakit.engine.hf_export import has_gguf_layout, hf_config, to_hf_rows
+from lorakit.engine.models import LoadedModel, load_model
+from lorakit.engine.reporter import Reporter
+from lorakit.errors import RunError, UserError
+from lorakit.io import atomic_path, ensure_new_dir, replace_dir, staging_dir, write_json
+from lorakit.settings import FuseSettings, save_settings
+
+PROMPTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Question: What is the capital of France?\nAnswer:",
+)
+CHAT = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "How do I reset my password?"},
+]
+# Allowed max logit difference, as a share of the largest reference logit, by the coarsest dtype involved.
+RELATIVE_TOLERANCE = {mx.float32: 1e-3, mx.float16: 2e-2, mx.bfloat16: 5e-2}
+
+
+@dataclass
+class LogitDiff:
+    max: float
+    mean: float
+    top1_agreement: float  # share of positions whose most likely next token is the same
+
+
+@dataclass
+class FuseCheck:
+    """Fused model (as saved) vs base+adapter on the verification prompts."""
+
+    passed: bool
+    prompts: int
+    positions: int
+    max_logit_diff: float
+    mean_logit_diff: float
+    top1_agreement: float
+    tolerance: float
+    adapter_effect: float  # max |base+adapter - base|: what a fuse that dropped the adapter would miss
+
+
+@dataclass
+class FuseResult:
+    out: str
+    model: str
+    adapter: str
+    fine_tune_type: str
+    fused_layers: int
+    dtype: str
+    quantization: dict | None
+    transformers_compatible: bool
+    qk_rows_restored: bool  # llama.cpp's q/k row order of a GGUF-sourced base put back in Hugging Face order
+    files: dict[str, int] = field(default_factory=dict)
+    size_bytes: int = 0
+    check: FuseCheck | None = None
+    requantize_error: LogitDiff | None = None
+    gguf: GgufExport | None = None
+    seconds: float = 0.0
+
+
+def run(settings: FuseSettings, reporter: Reporter) -> FuseResult:
+    start = time.perf_counter()
+    out = ensure_new_dir(settings.out, settings.overwrite)
+    gguf_path = _gguf_target(settings)
+    resolve_adapter_dir(settings.adapter_path)  # a wrong path fails before the model loads
+
+    loaded = load_model(settings.model_copy(update={"dtype": None}), reporter)
+    if gguf_path is not None:
+        check_exportable(loaded.config)
+    base_dtype = _float_dtype(loaded.model)
+    out_dtype = getattr(mx, settings.dtype) if settings.dtype else base_dtype
+    prompts = _verification_prompts(loaded.tokenizer)
+    base_logits = _logits(loaded.model, prompts) if settings.verify else None
+
+    adapter_dir = load_adapter(loaded, settings.adapter_path, reporter)
+    adapter_config = read_adapter_config(adapter_dir)
+    _warn_if_qlora(adapter_config, loaded, reporter)
+    reference = _logits(loaded.model, prompts) if settings.verify else None
+
+    model = loaded.model
+    fused_layers = _fuse_layers(model)
+    reporter.log(f"fused {fused_layers} adapted layers from {adapter_dir}")
+    _dequantize(model)
+    model.set_dtype(out_dtype)
+    mx.eval(model.parameters())
+    fused_float = _logits(model, prompts) if settings.requantize else None
+
+    rows_restored = has_gguf_layout(loaded.config)
+    config = hf_config(loaded.config, out_dtype, rows_restored)
+    result = FuseResult(
+        out=str(out), model=settings.model, adapter=str(adapter_dir),
+        fine_tune_type=adapter_config.get("fine_tune_type", "lora"), fused_layers=fused_layers,
+        dtype=_dtype_name(out_dtype), quantization=None, transformers_compatible=settings.requantize is None,
+        qk_rows_restored=rows_restored,
+    )
+
+    staging = staging_dir(out)
+    try:
+        with contextlib.ExitStack() as stack:
+            loaded.tokenizer.save_pretrained(str(staging))  # tokenizer files and the chat template
+            for name in ("generation_config.json", "tokenizer.model"):
+                if (loaded.path / name).exists() and not (staging / name).exists():
+                    shutil.copy(loaded.path / name, staging / name)
+            weights = dict(tree_flatten(model.parameters()))
+            if rows_restored:
+                weights = to_hf_rows(weights, loaded.config)
+                model.update(tree_unflatten(list(weights.items())))
+                reporter.log("put the GGUF base's q/k rows back in Hugging Face order (standard RoPE config)")
+            if gguf_path is not None:
+                inside = _relative_to(gguf_path, out)
+                target = staging / inside if inside else stack.enter_context(atomic_path(gguf_path))
+                target.parent.mkdir(parents=True, exist_ok=True)
+                result.gguf = export_gguf(weights, config, staging, target, settings.gguf_type,
+                                          name=out.name, reporter=reporter)
+                result.gguf.path = str(gguf_path)
+            del weights
+            if settings.requantize:
+                config, result.quantization = _requantize(model, config, settings, loaded.config)
+            _save(staging, model, config)
+
+            shipped = _shipped_logits(staging, prompts) if settings.verify or settings.requantize else None
+            if settings.verify:
+                result.check = _check(shipped if not settings.requantize else fused_float, reference,
+                                      base_logits, settings, (base_dtype, out_dtype))
+                _report_check(result.check, reporter)
+                if not result.check.passed:
+                    raise RunError(
+                        f"verification failed: the fused model's logits differ from base+adapter by "
+                        f"{result.check.max_logit_diff:.4g} (tolerance {result.check.tolerance:.4g}) on "
+                        f"{result.check.prompts} prompts; nothing was written to {out}. Rerun with --debug and "
+                        "report it; --verify-tolerance raises the bound if the difference is expected")
+            if settings.requantize:
+                result.requantize_error = _diff(shipped, fused_float)
+                reporter.log(f"re-quantization to {settings.requantize} bits changed the logits by at most "
+                             f"{result.requantize_error.max:.4g} (mean {result.requantize_error.mean:.4g}); "
+                             f"top-1 agreement {result.requantize_error.top1_agreement:.1%}")
+            _write_records(staging, settings, result)
+            result.files = {str(p.relative_to(staging)): p.stat().st_size
+                            for p in sorted(staging.rglob("*")) if p.is_file()}
+            result.size_bytes = sum(result.files.values())
+            replace_dir(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if result.gguf is not None:
+        result.gguf.size_bytes = Path(result.gguf.path).stat().st_size
+    reporter.on_save(str(out), 0)
+    result.seconds = round(time.perf_counter() - start, 2)
+    return result
+
+
+def _gguf_target(settings: FuseSettings) -> Path | None:
+    path = settings.export_gguf
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--export-gguf {path}: is a directory; give a file name such as {path / 'model.gguf'}")
+    if path.exists() and not settings.overwrite:
+        raise UserError(f"--export-gguf {path}: file exists; pass --overwrite to replace it")
+    return path
+
+
+def _relative_to(path: Path, directory: Path) -> Path | None:
+    try:
+        return path.resolve().relative_to(directory.resolve())
+    except ValueError:
+        return None
+
+
+def _float_dtype(model: nn.Module) -> mx.Dtype:
+    """The base's float type: the most common floating dtype among its parameters (scales for a quantized base)."""
+    dtypes = [v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
+    return max(set(dtypes), key=dtypes.count) if dtypes else mx.float16
+
+
+def _dtype_name(dtype: mx.Dtype) -> str:
+    return str(dtype).split(".")[-1]
+
+
+def _verification_prompts(tokenizer) -> list[list[int]]:
+    prompts = [tokenizer.encode(text) for text in PROMPTS]
+    if tokenizer.has_chat_template:
+        prompts.append(list(tokenizer.apply_chat_template(CHAT, add_generation_prompt=True)))
+    return prompts
+
+
+def _logits(model: nn.Module, prompts: list[list[int]]) -> list[mx.array]:
+    out = []
+    for ids in prompts:
+        logits = model(mx.array(ids)[None])[0].astype(mx.float32)
+        mx.eval(logits)
+        out.append(logits)
+    return out
+
+
+def _diff(a: list[mx.array], b: list[mx.array]) -> LogitDiff:
+    gaps = [mx.abs(x - y) for x, y in zip(a, b)]
+    positions = sum(g.shape[0] for g in gaps)
+    agree = sum(int((x.argmax(-1) == y.argmax(-1)).sum()) for x, y in zip(a, b))
+    return LogitDiff(max=max(float(g.max()) for g in gaps),
+                     mean=sum(float(g.sum()) for g in gaps) / sum(g.size for g in gaps),
+                     top1_agreement=agree / positions)
+
+
+def _check(fused: list[mx.array], reference: list[mx.array], base: list[mx.array], settings: FuseSettings,
+           dtypes: tuple[mx.Dtype, ...]) -> FuseCheck:
+    diff = _diff(fused, reference)
+    if settings.verify_tolerance is not None:
+        tolerance = settings.verify_tolerance
+    else:
+        scale = max(float(mx.abs(r).max()) for r in reference)
+        tolerance = max(RELATIVE_TOLERANCE.get(d, 5e-2) for d in dtypes) * max(scale, 1.0)
+    return FuseCheck(passed=diff.max <= tolerance, prompts=len(reference),
+                     positions=sum(r.shape[0] for r in reference), max_logit_diff=diff.max,
+                     mean_logit_diff=diff.mean, top1_agreement=diff.top1_agreement, tolerance=tolerance,
+                     adapter_effect=_diff(reference, base).max)
+
+
+def _report_check(check: FuseCheck, reporter: Reporter) -> None:
+    reporter.log(f"verification: max logit difference {check.max_logit_diff:.3g} (tolerance "
+                 f"{check.tolerance:.3g}), top-1 agreement {check.top1_agreement:.1%} over {check.positions} "
+                 f"positions; the adapter itself moves logits by up to {check.adapter_effect:.3g}")
+    if check.passed and check.adapter_effect <= check.tolerance:
+        reporter.warn(f"the adapter changes the logits by at most {check.adapter_effect:.3g}, within the check's "
+                      f"tolerance {check.tolerance:.3g}: the check cannot tell the fused model from the base. "
+                      "Is this adapter trained?")
+
+
+def _warn_if_qlora(adapter_config: dict, loaded: LoadedModel, reporter: Reporter) -> None:
+    bits = ((adapter_config.get("lorakit") or {}).get("settings") or {}).get("quantize")
+    if bits and "quantization" not in loaded.config:
+        reporter.warn(f"the adapter was trained on the base quantized to {bits} bits (QLoRA); fusing into the "
+                      f"float weights. Pass --quantize {bits} to fuse into the weights it was trained against.")
+
+
+def _fuse_layers(model: nn.Module) -> int:
+    """Replace every LoRA/DoRA layer by the plain linear its own `fuse()` returns (float weights)."""
+    fused = [(name, module.fuse(dequantize=True)) for name, module in model.named_modules() if hasattr(module, "fuse")]
+    if fused:
+        model.update_modules(tree_unflatten(fused))
+    return len(fused)
+
+
+def _dequantize(model: nn.Module) -> None:
+    from mlx_lm.utils import dequantize_model
+
+    dequantize_model(model)
+
+
+def _requantize(model: nn.Module, config: dict, settings: FuseSettings, base_config: dict) -> tuple[dict, dict]:
+    """Quantize the fused model (mlx-lm's format); the group size of a quantized base unless --q-group-size."""
+    group = settings.q_group_size
+    if "q_group_size" not in settings.model_fields_set and "quantization" in base_config:
+        group = base_config["quantization"].get("group_size", group)
+    nn.quantize(model, group_size=group, bits=settings.requantize,
+                class_predicate=lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % group == 0)
+    quantization = {"group_size": group, "bits": settings.requantize}
+    return {**config, "quantization": quantization}, quantization
+
+
+def _save(directory: Path, model: nn.Module, config: dict) -> None:
+    from mlx_lm.utils import save_config, save_model
+
+    save_model(directory, model)
+    save_config(dict(config), directory / "config.json")
+
+
+def _shipped_logits(directory: Path, prompts: list[list[int]]) -> list[mx.array]:
+    """Logits of the model as written: loaded back from disk, as a user of the output would."""
+    from mlx_lm.utils import load_model as mlx_load_model
+
+    model, _ = mlx_load_model(directory)
+    return _logits(model, prompts)
+
+
+def _write_records(directory: Path, settings: FuseSettings, result: FuseResult) -> None:
+    save_settings(settings, directory / "lorakit.yaml")
+    record = {k: v for k, v in asdict(result).items() if k not in ("files", "size_bytes", "seconds")}
+    write_json(directory / "fuse.json", record)

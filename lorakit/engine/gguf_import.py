@@ -1,0 +1,256 @@
+"""Convert a llama.cpp .gguf file into a normal model directory that mlx-lm loads.
+
+The directory (config.json, model.safetensors, tokenizer.json, tokenizer_config.json) is cached under
+`$LORAKIT_CACHE/gguf/<sha256 of the file>`, written through a staging directory so a crash never leaves
+half a cache. Q4_0/Q4_1/Q8_0 tensors stay MLX-quantized (affine, group size 32) so QLoRA works on them.
+llama.cpp permutes the q/k rows of llama-family models for its RoPE layout; the weights keep that layout
+and config.json says `rope_traditional: true`, which is the same computation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from lorakit.engine.gguf_tokenizer import build_tokenizer
+from lorakit.engine.reporter import Reporter
+from lorakit.errors import UserError
+from lorakit.io import cache_dir, replace_dir, sha256_file, staging_dir, write_json, write_text
+
+GROUP_SIZE = 32  # MLX's GGUF reader unpacks Q4_0/Q4_1/Q8_0 blocks into affine groups of 32
+KEPT_QUANTIZED = ("Q4_0", "Q4_1", "Q8_0")
+FLOAT_TYPES = ("F32", "F16", "BF16")
+EXPANDED_TO_F16 = ("Q4_K", "Q6_K", "Q2_K")  # mx.load dequantizes these to float16
+SUPPORTED = (f"{', '.join(KEPT_QUANTIZED)} (kept quantized), {', '.join(FLOAT_TYPES)} (float), "
+             f"{', '.join(EXPANDED_TO_F16)} (de-quantized to float16)")
+
+# general.architecture -> (mlx-lm model_type, HF class, rope_traditional). llama.cpp permutes q/k only for llama.
+ARCHITECTURES = {
+    "llama": ("llama", "LlamaForCausalLM", True),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM", False),
+}
+TOP_LEVEL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+PER_LAYER = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+
+
+def convert_gguf(path: Path, reporter: Reporter | None = None) -> Path:
+    """Return the cached model directory for this GGUF file, converting it on first use."""
+    reporter = reporter or Reporter()
+    path = Path(path)
+    sha = _sha256_cached(path)
+    target = cache_dir() / "gguf" / sha
+    if (target / "config.json").is_file():
+        return target
+    reporter.log(f"converting {path.name} to an MLX model directory (once; cached at {target})")
+    weights, meta = _read(path)
+    types = _tensor_types(path)
+    weights = _restore_bf16(path, weights, types)
+    _notice_expanded(types, reporter)
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise UserError(f"{path}: GGUF architecture {arch!r} is not supported; supported: llama (Llama 2/3, "
+                        "Mistral, SmolLM, TinyLlama) and qwen2")
+    weights = _rename(weights, path)
+    config = _config(meta, weights, arch, path)
+    config.update(_quantization(weights))
+    config["lorakit_source"] = {"format": "gguf", "file": path.name, "sha256": sha}
+    tokenizer, tokenizer_config = build_tokenizer(meta, str(path), reporter.warn)
+    tokenizer_config["model_max_length"] = config["max_position_embeddings"]
+
+    staging = staging_dir(target)
+    try:
+        mx.save_safetensors(str(staging / "model.safetensors"), weights, metadata={"format": "mlx"})
+        write_json(staging / "config.json", config)
+        write_text(staging / "tokenizer.json", tokenizer.to_str(pretty=False))
+        write_json(staging / "tokenizer_config.json", tokenizer_config)
+        replace_dir(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _sha256_cached(path: Path) -> str:
+    """sha256 of the file, remembered per (path, size, mtime) so a second load does not re-hash gigabytes."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+    memo = cache_dir() / "gguf" / "by-stat" / key
+    if memo.is_file():
+        return memo.read_text().strip()
+    sha = sha256_file(path)
+    write_text(memo, sha)
+    return sha
+
+
+def _read(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
+    try:
+        weights, meta = mx.load(str(path), return_metadata=True)
+    except (RuntimeError, ValueError) as e:
+        if "gguf_tensor_to_f16" in str(e):
+            found = sorted(set(_tensor_types(path).values()) - set(KEPT_QUANTIZED + FLOAT_TYPES + EXPANDED_TO_F16))
+            raise UserError(f"{path}: tensor type(s) {', '.join(found)} are not supported; supported: {SUPPORTED}. "
+                            "Re-quantize it with llama.cpp's llama-quantize (e.g. to Q8_0 or Q4_0) or use an "
+                            "F16 GGUF.") from None
+        raise UserError(f"{path}: not a readable GGUF file ({e}); check the file is a complete .gguf "
+                        "(re-download it)") from None
+    return weights, {k: _plain(v) for k, v in meta.items()}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, mx.array):
+        if value.dtype == mx.float32 and value.ndim == 0:
+            return float(f"{value.item():.7g}")  # 1e-05, not float32's 9.999999747378752e-06
+        return value.item() if value.ndim == 0 else value.tolist()
+    return value
+
+
+def _tensor_types(path: Path) -> dict[str, str]:
+    """GGUF tensor name -> llama.cpp type name (mx.load does not tell)."""
+    from gguf import GGUFReader
+
+    try:
+        return {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+    except (ValueError, OSError) as e:
+        raise UserError(f"{path}: not a readable GGUF file ({e}); re-download it") from None
+
+
+def _restore_bf16(path: Path, weights: dict[str, mx.array], types: dict[str, str]) -> dict[str, mx.array]:
+    """mx.load narrows BF16 to float16 (losing range); take those tensors' raw bits instead."""
+    bf16 = [name for name, kind in types.items() if kind == "BF16"]
+    if not bf16:
+        return weights
+    from gguf import GGUFReader
+
+    tensors = {t.name: t for t in GGUFReader(path).tensors}
+    for name in bf16:
+        bits = np.ascontiguousarray(tensors[name].data).view(np.uint16).reshape(weights[name].shape)
+        weights[name] = mx.array(bits).view(mx.bfloat16)
+    return weights
+
+
+def _notice_expanded(types: dict[str, str], reporter: Reporter) -> None:
+    expanded = Counter(kind for kind in types.values() if kind in EXPANDED_TO_F16)
+    if expanded:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(expanded.items()))
+        reporter.warn(f"GGUF tensors de-quantized to float16 ({kinds}): MLX keeps only "
+                      f"{', '.join(KEPT_QUANTIZED)} quantized")
+
+
+def _rename(weights: dict[str, mx.array], path: Path) -> dict[str, mx.array]:
+    """GGUF tensor names -> mlx-lm names (`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`)."""
+    renamed, unknown = {}, []
+    for name, value in weights.items():
+        base, suffix = name.rsplit(".", 1)  # suffix: weight, bias, or scales/biases of a quantized weight
+        parts = base.split(".")
+        if base in TOP_LEVEL:
+            renamed[f"{TOP_LEVEL[base]}.{suffix}"] = value
+        elif len(parts) == 3 and parts[0] == "blk" and parts[2] in PER_LAYER:
+            renamed[f"model.layers.{parts[1]}.{PER_LAYER[parts[2]]}.{suffix}"] = value
+        elif base == "rope_freqs":
+            renamed[name] = value  # read into the config by _config, not a model weight
+        else:
+            unknown.append(name)
+    if unknown:
+        raise UserError(f"{path}: unexpected tensors for a llama-family model: {', '.join(sorted(unknown)[:5])}"
+                        f"{' ...' if len(unknown) > 5 else ''}")
+    return renamed
+
+
+def _config(meta: dict[str, Any], weights: dict[str, mx.array], arch: str, path: Path) -> dict[str, Any]:
+    def get(key: str, default: Any = None) -> Any:
+        return meta.get(f"{arch}.{key}", default)
+
+    if get("expert_count"):
+        raise UserError(f"{path}: mixture-of-experts GGUF models are not supported (expert_count "
+                        f"{get('expert_count')}); supported: dense llama-family and qwen2 models")
+    model_type, hf_class, rope_traditional = ARCHITECTURES[arch]
+    hidden, heads = get("embedding_length"), get("attention.head_count")
+    if not hidden or not heads or not get("block_count"):
+        raise UserError(f"{path}: GGUF metadata lacks {arch}.embedding_length / attention.head_count / "
+                        "block_count; the file is incomplete")
+    embed = weights["model.embed_tokens.weight"]
+    config = {
+        "architectures": [hf_class],
+        "model_type": model_type,
+        "hidden_size": hidden,
+        "num_hidden_layers": get("block_count"),
+        "intermediate_size": get("feed_forward_length"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": get("attention.head_count_kv", heads),
+        "head_dim": get("attention.key_length") or get("rope.dimension_count") or hidden // heads,
+        "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-5),
+        "rope_theta": get("rope.freq_base", 10000.0),
+        "rope_traditional": rope_traditional,
+        "max_position_embeddings": get("context_length", 4096),
+        "vocab_size": get("vocab_size") or len(meta.get("tokenizer.ggml.tokens", [])) or embed.shape[0],
+        "tie_word_embeddings": "lm_head.weight" not in weights,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+    }
+    scaling = _rope_scaling(get, weights.pop("rope_freqs.weight", None), config, path)
+    if scaling:
+        config["rope_scaling"] = scaling
+    return config
+
+
+def _rope_scaling(get, freq_factors: mx.array | None, config: dict, path: Path) -> dict | None:
+    kind = get("rope.scaling.type")
+    if freq_factors is not None:
+        return _llama3_scaling(freq_factors, config, path)
+    if kind in (None, "none"):
+        return None
+    if kind == "linear":
+        return {"type": "linear", "factor": get("rope.scaling.factor")}
+    if kind == "yarn":
+        return {"type": "yarn", "factor": get("rope.scaling.factor"),
+                "original_max_position_embeddings": get("rope.scaling.original_context_length")}
+    raise UserError(f"{path}: RoPE scaling {kind!r} is not supported (supported: linear, yarn, llama3)")
+
+
+def _llama3_scaling(freq_factors: mx.array, config: dict, path: Path) -> dict:
+    """Llama 3.1+ files store the llama3 RoPE scaling as per-frequency divisors; recover its parameters.
+
+    The divisors follow Meta's formula with low/high frequency factors 1 and 4 over an 8192-token original
+    context in every released Llama 3.x; the factor is the largest divisor. Anything else is refused.
+    """
+    factors = np.array(freq_factors.astype(mx.float32))
+    params = {"rope_type": "llama3", "factor": float(factors.max()), "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    dims = config["head_dim"]
+    inv_freq = 1.0 / config["rope_theta"] ** (np.arange(0, dims, 2) / dims)
+    wavelen = 2 * np.pi / inv_freq
+    orig, low, high, factor = (params["original_max_position_embeddings"], params["low_freq_factor"],
+                               params["high_freq_factor"], params["factor"])
+    smooth = (orig / wavelen - low) / (high - low)
+    expected = np.where(wavelen < orig / high, 1.0,
+                        np.where(wavelen > orig / low, factor, 1 / ((1 - smooth) / factor + smooth)))
+    if factors.shape != expected.shape or not np.allclose(factors, expected, rtol=1e-3):
+        raise UserError(f"{path}: rope_freqs does not match Llama 3's RoPE scaling; this RoPE variant is "
+                        "not supported")
+    return params
+
+
+def _quantization(weights: dict[str, mx.array]) -> dict[str, Any]:
+    """config.json's "quantization": the common bit width, plus per-module entries where it differs."""
+    bits = {}
+    for name, scales in weights.items():
+        if name.endswith(".scales"):
+            module = name[: -len(".scales")]
+            bits[module] = weights[f"{module}.weight"].shape[-1] // scales.shape[-1]  # uint32 words per group
+    if not bits:
+        return {}
+    common = Counter(bits.values()).most_common(1)[0][0]
+    quantization: dict[str, Any] = {"group_size": GROUP_SIZE, "bits": common}
+    for module, b in sorted(bits.items()):
+        if b != common:
+            quantization[module] = {"group_size": GROUP_SIZE, "bits": b}
+    return {"quantization": quantization}
