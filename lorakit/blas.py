@@ -56,24 +56,35 @@ def preload() -> None:
     if "mlx.core" in sys.modules:
         _state["blas"] = "unknown (mlx was imported before lorakit could load OpenBLAS)"
         return
+    _state["blas"] = load_first(_candidates())
+
+
+def load_first(candidates: list[tuple[str, str]]) -> str:
+    """Load the first loadable OpenBLAS globally; describe what is in use (and why, when it is the reference)."""
     problems = []
-    for path, source in _candidates():
+    for path, source in candidates:
         try:
             lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-        except OSError as e:  # e.g. libgfortran.so.5 missing
-            problems.append(f"{source}: {e}")
+        except OSError as e:
+            problems.append(_load_problem(source, e))
             continue
         try:
             lib.openblas_get_config.restype = ctypes.c_char_p
-            version = lib.openblas_get_config().decode().split()[:2]
-            name = " ".join(version)
+            name = " ".join(lib.openblas_get_config().decode().split()[:2])
         except AttributeError:
             name = "OpenBLAS"
-        _state["blas"] = f"{name} ({source})"
-        return
-    hint = "; ".join(problems) if problems else "install lorakit[cpu] (cmeel-openblas) or libopenblas"
-    gpu = " on the CPU" if not _cuda_backend() else " for CPU ops"
-    _state["blas"] = f"reference (slow matmuls{gpu}: {hint})"
+        return f"{name} ({source})"
+    hint = "; ".join(problems) if problems else "install lorakit[cpu] (cmeel-openblas) or the system's libopenblas"
+    where = " for CPU ops" if _cuda_backend() else " on the CPU"
+    return f"reference (slow matmuls{where}: {hint})"
+
+
+def _load_problem(source: str, error: OSError) -> str:
+    if "libgfortran" in str(error):
+        # cmeel-openblas links the GNU Fortran runtime but does not ship it
+        return (f"{source} could not load: it needs the GNU Fortran runtime libgfortran.so.5, which is missing; "
+                "install it (Debian/Ubuntu: apt-get install libgfortran5; Fedora: dnf install libgfortran)")
+    return f"{source} could not load ({error})"
 
 
 def blas_in_use() -> str:

@@ -111,7 +111,7 @@ class PrepareSettings(Common):
     max_error_rate: float = Field(0.05, ge=0, le=1, description="With --on-error skip, fail above this share.")
     max_chars: int | None = Field(None, gt=0, description="Reject examples longer than this many characters.")
     max_tokens: int | None = Field(None, gt=0, description="Reject examples longer than this many tokens.")
-    dedupe: bool = Field(True, description="Drop exact duplicates (after normalising whitespace).")
+    dedupe: bool = Field(True, description="Treat exact duplicates (after normalising whitespace) as bad records.")
     overwrite: bool = Field(False, description="Replace a non-empty --out directory.")
 
     _split = field_validator("inputs", "field_map", mode="before")(_split_list)
@@ -246,6 +246,13 @@ class GenerateSettings(ModelOptions, SamplingOptions):
 
 class FuseSettings(ModelOptions):
     adapter_path: Path = Field(Path("adapters"), description="Adapter directory from `lorakit train`.")
+    dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
+        None, description="Type of the fused weights (default: the base's float type, else float16)."
+    )
+    q_group_size: int = Field(
+        64, gt=0,
+        description="Group size for --quantize and --requantize (--requantize keeps a quantized base's by default).",
+    )
     out: Path = Field(Path("fused_model"), description="Output model directory.")
     requantize: Literal[4, 8] | None = Field(None, description="Quantize the fused weights (reports the error).")
     export_gguf: Path | None = Field(None, description="Also write a GGUF file for llama.cpp.")

@@ -123,3 +123,24 @@ def random_adapter_dir(model_dir: str | Path, path: str | Path, *, fine_tune_typ
             module.m = module.m * (1.0 + 0.2 * mx.random.normal(module.m.shape))
     save_adapter(loaded.model, Path(path), adapter_config(settings, loaded, lora_parameters))
     return Path(path)
+
+
+def gguf_layout_model_dir(model_dir: str | Path, path: str | Path) -> Path:
+    """A copy of a llama model directory as lorakit's GGUF import leaves one: q/k rows in llama.cpp's order,
+    `rope_traditional: true` and a `lorakit_source` saying gguf. It computes the same function."""
+    import lorakit.engine  # noqa: F401  (OpenBLAS before mlx)
+    import mlx.core as mx
+
+    from lorakit.engine.hf_export import permute_rows, qk_heads
+
+    model_dir, path = Path(model_dir), Path(path)
+    config = json.loads((model_dir / "config.json").read_text())
+    weights = mx.load(str(model_dir / "model.safetensors"))
+    weights = {k: permute_rows(v, qk_heads(k, config)) if qk_heads(k, config) else v for k, v in weights.items()}
+    path.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
+    config.update(rope_traditional=True, lorakit_source={"format": "gguf", "file": "stand-in.gguf", "sha256": "0"})
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (path / name).write_bytes((model_dir / name).read_bytes())
+    return path

@@ -112,10 +112,14 @@ def test_batch_size_must_split_over_the_processes():
 
 
 def test_resume_needs_the_same_number_of_processes(tmp_path):
-    check_resume_world(2, World(None, 0, 2), tmp_path)
-    check_resume_world(None, World(None, 0, 1), tmp_path)  # checkpoints from before world size was recorded
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 3, "world_size": 2}))
+    check_resume_world(tmp_path, World(None, 0, 2))
     with pytest.raises(UserError, match=r"2 process\(es\), this run has 1; resume it under `mlx.launch -n 2"):
-        check_resume_world(2, World(None, 0, 1), tmp_path)
+        check_resume_world(tmp_path, World(None, 0, 1))
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 3}))  # from before world size was recorded
+    check_resume_world(tmp_path, World(None, 0, 1))
+    with pytest.raises(UserError, match=r"resume it as a single process \(without mlx.launch\)"):
+        check_resume_world(tmp_path, World(None, 1, 2))
 
 
 def test_backend_failure_becomes_a_run_error_only_when_distributed():

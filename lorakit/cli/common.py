@@ -62,6 +62,12 @@ def _sigterm_as_interrupt(signum, frame):  # SIGTERM takes the same path as Ctrl
     raise KeyboardInterrupt
 
 
+def _is_main_rank() -> bool:
+    from lorakit.engine.distributed import world
+
+    return world().is_main
+
+
 def run_command(command: str, params: dict[str, Any], render: Callable[[Any, Common], None]) -> None:
     """Resolve settings, run the engine, render the result; map every failure to its exit code."""
     from lorakit.cli.reporting import RichReporter, err_console
@@ -78,6 +84,8 @@ def run_command(command: str, params: dict[str, Any], render: Callable[[Any, Com
         engine = importlib.import_module(f"lorakit.engine.{command}")
         result = engine.run(settings, reporter)
         reporter.close()
+        if not _is_main_rank():  # under mlx.launch every rank runs the command; rank 0 prints the result
+            return
         if settings.json_output:
             print_json(result)
         else:

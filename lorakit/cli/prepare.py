@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -12,26 +12,26 @@ from lorakit.settings import PrepareSettings as S
 
 
 def command(
-    inputs: Annotated[Optional[list[Path]], typer.Argument(help=S.model_fields["inputs"].description,
-                                                           metavar="INPUT...", show_default=False)] = None,
-    out: Annotated[Optional[Path], opt(S, "out", "--out", "-o")] = None,
-    input_format: Annotated[Optional[str], opt(S, "input_format")] = None,
-    format: Annotated[Optional[str], opt(S, "format")] = None,
-    field_map: Annotated[Optional[list[str]], opt(S, "field_map")] = None,
-    system: Annotated[Optional[str], opt(S, "system")] = None,
-    template: Annotated[Optional[str], opt(S, "template")] = None,
-    model: Annotated[Optional[str], opt(S, "model", "--model", "-m")] = None,
-    tokenizer: Annotated[Optional[str], opt(S, "tokenizer")] = None,
-    split: Annotated[Optional[str], opt(S, "split")] = None,
-    seed: Annotated[Optional[int], opt(S, "seed")] = None,
-    stratify_by: Annotated[Optional[str], opt(S, "stratify_by")] = None,
-    group_by: Annotated[Optional[str], opt(S, "group_by")] = None,
-    on_error: Annotated[Optional[str], opt(S, "on_error")] = None,
-    max_error_rate: Annotated[Optional[float], opt(S, "max_error_rate")] = None,
-    max_chars: Annotated[Optional[int], opt(S, "max_chars")] = None,
-    max_tokens: Annotated[Optional[int], opt(S, "max_tokens")] = None,
-    dedupe: Annotated[Optional[bool], opt(S, "dedupe")] = None,
-    overwrite: Annotated[Optional[bool], opt(S, "overwrite", "--overwrite")] = None,
+    inputs: Annotated[list[Path] | None, typer.Argument(help=S.model_fields["inputs"].description,
+                                                           metavar="INPUT", show_default=False)] = None,
+    out: Annotated[Path | None, opt(S, "out", "--out", "-o")] = None,
+    input_format: Annotated[str | None, opt(S, "input_format")] = None,
+    format: Annotated[str | None, opt(S, "format")] = None,
+    field_map: Annotated[list[str] | None, opt(S, "field_map")] = None,
+    system: Annotated[str | None, opt(S, "system")] = None,
+    template: Annotated[str | None, opt(S, "template")] = None,
+    model: Annotated[str | None, opt(S, "model", "--model", "-m")] = None,
+    tokenizer: Annotated[str | None, opt(S, "tokenizer")] = None,
+    split: Annotated[str | None, opt(S, "split")] = None,
+    seed: Annotated[int | None, opt(S, "seed")] = None,
+    stratify_by: Annotated[str | None, opt(S, "stratify_by")] = None,
+    group_by: Annotated[str | None, opt(S, "group_by")] = None,
+    on_error: Annotated[str | None, opt(S, "on_error")] = None,
+    max_error_rate: Annotated[float | None, opt(S, "max_error_rate")] = None,
+    max_chars: Annotated[int | None, opt(S, "max_chars")] = None,
+    max_tokens: Annotated[int | None, opt(S, "max_tokens")] = None,
+    dedupe: Annotated[bool | None, opt(S, "dedupe")] = None,
+    overwrite: Annotated[bool | None, opt(S, "overwrite", "--overwrite")] = None,
     config: ConfigOpt = None,
     json_output: JsonOpt = None,
     quiet: QuietOpt = None,

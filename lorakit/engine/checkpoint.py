@@ -5,8 +5,8 @@ Layout under --adapter-path:
     checkpoints/step-000100/
         adapters.safetensors, adapter_config.json   mlx-lm adapter layout (each checkpoint is loadable)
         optimizer.safetensors                        optimizer state (moments, step; the step drives the LR schedule)
-        rng.safetensors                              mx.random.state
-        trainer_state.json                           step, data position (epoch, batch index), best val loss, ...
+        trainer_state.json                           step, data position (epoch, batch index), best val loss,
+                                                     seed (the RNG is re-seeded from (seed, step) every step)
         checksums.json                               sha256 of every file above (written last)
     best/                                            adapter with the lowest validation loss so far
 
@@ -64,7 +64,6 @@ def save_checkpoint(adapter_path: Path, model: nn.Module, optimizer: optim.Optim
     try:
         save_adapter(model, staging, adapter_cfg)
         _save_tree(staging / "optimizer.safetensors", optimizer.state)
-        _save_tree(staging / "rng.safetensors", {"key": mx.random.state[0]})
         write_json(staging / STATE_FILE, state)
         files = sorted(p.name for p in staging.iterdir())
         write_json(staging / CHECKSUMS, {name: sha256_file(staging / name) for name in files})
@@ -98,7 +97,7 @@ def problem(ckpt: Path) -> str | None:
         sums = json.loads(sums_file.read_text())
     except (OSError, json.JSONDecodeError):
         return "unreadable checksums.json"
-    for name in (ADAPTER_FILE, "optimizer.safetensors", "rng.safetensors", STATE_FILE):
+    for name in (ADAPTER_FILE, "optimizer.safetensors", STATE_FILE):
         if name not in sums:
             return f"checksums.json does not list {name}"
     for name, digest in sums.items():
@@ -137,7 +136,7 @@ def _assign(tree: Any, dotted: str, value: mx.array) -> bool:
 
 
 def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: optim.Optimizer) -> dict:
-    """Restore adapter weights, optimizer state and RNG from `ckpt` in place; return its trainer state."""
+    """Restore adapter weights and optimizer state from `ckpt` in place; return its trainer state."""
     weights = mx.load(str(Path(ckpt) / ADAPTER_FILE))
     trainable = dict(tree_flatten(model.trainable_parameters()))
     if set(weights) != set(trainable):
@@ -150,6 +149,5 @@ def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: optim.Optimizer) ->
         if not _assign(optimizer.state, key, value):
             raise UserError(f"--resume-from {ckpt}: optimizer state '{key}' does not fit this run "
                             "(a different --optimizer?)")
-    mx.random.state[0] = mx.load(str(Path(ckpt) / "rng.safetensors"))["key"]
-    mx.eval(model.parameters(), optimizer.state, mx.random.state)
+    mx.eval(model.parameters(), optimizer.state)
     return read_json(Path(ckpt) / STATE_FILE)

@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import mlx.core as mx
@@ -33,6 +34,7 @@ from mlx.nn import average_gradients
 
 from lorakit.engine.reporter import Reporter
 from lorakit.errors import RunError, UserError
+from lorakit.io import read_json
 
 T = TypeVar("T")
 _BACKEND_ERRORS = ("[ring]", "[nccl]", "[mpi]", "[jaccl]")
@@ -122,9 +124,11 @@ def check_batch_size(batch_size: int, w: World) -> None:
                         f"each process takes an equal share of every batch; pass a multiple of {w.size}")
 
 
-def check_resume_world(recorded: int | None, w: World, checkpoint: Any) -> None:
-    """A checkpoint resumes only under the number of processes that wrote it."""
-    recorded = recorded or 1
+def check_resume_world(checkpoint: Path, w: World) -> None:
+    """A checkpoint resumes only under the number of processes that wrote it (recorded in its trainer state)."""
+    from lorakit.engine.checkpoint import STATE_FILE
+
+    recorded = read_json(Path(checkpoint) / STATE_FILE).get("world_size") or 1
     if recorded != w.size:
         how = f"under `mlx.launch -n {recorded} ...`" if recorded > 1 else "as a single process (without mlx.launch)"
         raise UserError(f"--resume: checkpoint {checkpoint} was written by a run of {recorded} process(es), this run "

@@ -35,7 +35,7 @@ CHAT = [
     {"role": "user", "content": "How do I reset my password?"},
 ]
 # Allowed max logit difference, as a share of the largest reference logit, by the coarsest dtype involved.
-RELATIVE_TOLERANCE = {mx.float32: 1e-3, mx.float16: 2e-2, mx.bfloat16: 5e-2}
+RELATIVE_TOLERANCE = {mx.float32: 1e-3, mx.float16: 2e-2, mx.bfloat16: 8e-2}
 
 
 @dataclass
@@ -229,7 +229,7 @@ def _check(fused: list[mx.array], reference: list[mx.array], base: list[mx.array
         tolerance = settings.verify_tolerance
     else:
         scale = max(float(mx.abs(r).max()) for r in reference)
-        tolerance = max(RELATIVE_TOLERANCE.get(d, 5e-2) for d in dtypes) * max(scale, 1.0)
+        tolerance = max(RELATIVE_TOLERANCE.get(d, 8e-2) for d in dtypes) * max(scale, 1.0)
     return FuseCheck(passed=diff.max <= tolerance, prompts=len(reference),
                      positions=sum(r.shape[0] for r in reference), max_logit_diff=diff.max,
                      mean_logit_diff=diff.mean, top1_agreement=diff.top1_agreement, tolerance=tolerance,

@@ -177,7 +177,9 @@ def _config(meta: dict[str, Any], weights: dict[str, mx.array], arch: str, path:
     if not hidden or not heads or not get("block_count"):
         raise UserError(f"{path}: GGUF metadata lacks {arch}.embedding_length / attention.head_count / "
                         "block_count; the file is incomplete")
-    embed = weights["model.embed_tokens.weight"]
+    embed = weights.get("model.embed_tokens.weight")
+    if embed is None:
+        raise UserError(f"{path}: no token_embd.weight tensor; the file is incomplete")
     config = {
         "architectures": [hf_class],
         "model_type": model_type,
@@ -191,7 +193,7 @@ def _config(meta: dict[str, Any], weights: dict[str, mx.array], arch: str, path:
         "rope_theta": get("rope.freq_base", 10000.0),
         "rope_traditional": rope_traditional,
         "max_position_embeddings": get("context_length", 4096),
-        "vocab_size": get("vocab_size") or len(meta.get("tokenizer.ggml.tokens", [])) or embed.shape[0],
+        "vocab_size": embed.shape[0],
         "tie_word_embeddings": "lm_head.weight" not in weights,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),

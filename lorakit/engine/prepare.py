@@ -331,7 +331,7 @@ def _load_tokenizer(settings: PrepareSettings, reporter: Reporter) -> Any:
             tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path))
         else:
             tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except Exception as e:  # transformers raises many types for unreadable tokenizer files
+    except Exception as e:  # noqa: BLE001 (transformers raises many types for unreadable tokenizer files)
         raise UserError(f"{flag} {given}: could not load a tokenizer from {path} ({type(e).__name__}: {e})") from None
     reporter.log(f"tokenizer: {given}")
     return tokenizer
@@ -509,8 +509,7 @@ def _write(out: Path, splits: dict[str, list[Item]], problems: list[Problem], ma
 def _jsonl(path: Path, rows: Iterator[dict[str, Any]]) -> None:
     # The whole directory is renamed into place at the end, so plain writes are atomic enough here.
     with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def _summary(result: PrepareResult, reporter: Reporter) -> None:

@@ -12,7 +12,7 @@ import json
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jinja2
 from jinja2.ext import Extension
@@ -256,7 +256,7 @@ def render(messages: list[dict[str, Any]], template: str, add_generation_prompt:
 class _GenerationTag(Extension):
     """Accept HF's `{% generation %}...{% endgeneration %}` marker (it only renders its body here)."""
 
-    tags = {"generation"}
+    tags: ClassVar[set[str]] = {"generation"}
 
     def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
         lineno = next(parser.stream).lineno

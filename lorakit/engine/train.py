@@ -27,7 +27,7 @@ from mlx.utils import tree_flatten, tree_map
 from lorakit.engine import checkpoint as ckpt
 from lorakit.engine.adapters import ADAPTER_FILE, CONFIG_FILE, adapter_config, apply_adapters, save_adapter
 from lorakit.engine.batching import BatchPlan
-from lorakit.engine.data import Split, load_split
+from lorakit.engine.data import Split, load_split, split_path
 from lorakit.engine.loss_curve import write_loss_curve
 from lorakit.engine.losses import batch_loss, loss_head
 from lorakit.engine.models import load_model
@@ -247,6 +247,7 @@ def run(settings: TrainSettings, reporter: Reporter) -> TrainResult:
     save_settings(settings.model_copy(update={"resume": False, "overwrite": False, "resume_from": None}),
                   out / SETTINGS_FILE)
 
+    split_path(settings.data, "train")  # fail on a wrong --data before the (slow) model load
     loaded = load_model(settings, reporter)
     model = loaded.model
     head = loss_head(model)
@@ -356,13 +357,11 @@ def _train(settings, reporter, loaded, model, head, cfg, plan, val_batches, opti
         (loss_sum, ntoks), grad = loss_and_grad(model, batch)
         return loss_sum, ntoks, update(grad, ntoks)
 
-    eval_fn = mx.compile(partial(batch_loss, model, head=head), inputs=model.state)
-
     def evaluate() -> float:
         model.eval()
         loss_sum = ntoks = 0.0
         for b in val_batches:
-            l, n = eval_fn(b)
+            l, n = batch_loss(model, b, head)  # eager: a compile per validation shape costs more than it saves
             mx.eval(l, n)
             loss_sum, ntoks = loss_sum + l.item(), ntoks + n.item()
         model.train()
@@ -405,7 +404,7 @@ def _train(settings, reporter, loaded, model, head, cfg, plan, val_batches, opti
     flag: dict = {}
     batches = plan.iterate(state["epoch"], state["batch_index"])
     window = {"loss": 0.0, "tokens": 0, "time": 0.0, "steps": 0}
-    last = {"train_loss": None, "val_loss": None}
+    last = {"train_loss": None, "val_loss": None, "tokens_per_second": None}
     last_saved = state["step"] if resume_ckpt else None
     stopped_early = False
     in_step = False
@@ -418,6 +417,8 @@ def _train(settings, reporter, loaded, model, head, cfg, plan, val_batches, opti
             while state["step"] < total_steps:
                 tic = time.perf_counter()
                 in_step = True
+                # The RNG (dropout) follows from (seed, step) alone, so a resumed run draws the same numbers.
+                mx.random.seed((settings.seed * 1_000_003 + state["step"]) % 2**63)
                 loss_sum = ntoks = 0.0
                 grad = tok_sum = None
                 for micro in range(accum):
@@ -457,6 +458,7 @@ def _train(settings, reporter, loaded, model, head, cfg, plan, val_batches, opti
                            "tokens_per_second": window["tokens"] / window["time"],
                            "trained_tokens": state["trained_tokens"], "peak_memory": mx.get_peak_memory() / 1e9,
                            "grad_norm": grad_norm, "elapsed": elapsed()}
+                    last["tokens_per_second"] = row["tokens_per_second"]
                     metrics.add(row)
                     reporter.on_train_report(row)
                     window = {"loss": 0.0, "tokens": 0, "time": 0.0, "steps": 0}
@@ -469,7 +471,7 @@ def _train(settings, reporter, loaded, model, head, cfg, plan, val_batches, opti
                     save()
                     last_saved = step
                 reporter.advance(1, epoch=epoch_of(), loss=last["train_loss"], val_loss=last["val_loss"],
-                                 lr=optimizer.learning_rate.item(),
+                                 lr=optimizer.learning_rate.item(), tok_s=last["tokens_per_second"],
                                  mem_gb=round(mx.get_peak_memory() / 1e9, 3))
                 if stopped_early:
                     reporter.log(f"early stopping at step {step}: {settings.early_stopping_patience} evaluations "
@@ -485,6 +487,9 @@ def _train(settings, reporter, loaded, model, head, cfg, plan, val_batches, opti
             where = f"the newest checkpoint is step {last_saved}" if last_saved else "no checkpoint was saved"
             raise Interrupted(f"stopped inside step {state['step'] + 1} (abandoned); {where}. "
                               f"Resume with: {resume}") from None
+        if state["step"] == 0:
+            raise Interrupted("stopped before the first step; nothing to save. Run the same command again "
+                              "to start over (with --overwrite)") from None
         if last_saved != state["step"]:
             save()
         raise Interrupted(f"saved checkpoint at step {state['step']}. Resume with: {resume}") from None

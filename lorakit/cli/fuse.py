@@ -1,0 +1,52 @@
+"""`lorakit fuse`: thin CLI over lorakit.engine.fuse."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+from lorakit.cli.common import ConfigOpt, DebugOpt, JsonOpt, QuietOpt, opt, run_command
+from lorakit.settings import FuseSettings as S
+
+
+def _render(result: Any, settings: Any) -> None:
+    from lorakit.cli.reporting import out_console
+
+    console = out_console()
+    quant = f", re-quantized to {result.quantization['bits']} bits" if result.quantization else ""
+    console.print(f"fused model: {result.out} ({result.size_bytes / 1e6:.1f} MB, {result.dtype}{quant}, "
+                  f"{result.fused_layers} layers fused)")
+    if result.check is not None:
+        console.print(f"verified: max logit difference {result.check.max_logit_diff:.3g} vs base+adapter "
+                      f"(tolerance {result.check.tolerance:.3g}), top-1 agreement {result.check.top1_agreement:.1%}")
+    if result.requantize_error is not None:
+        err = result.requantize_error
+        console.print(f"re-quantization error: max logit difference {err.max:.3g}, mean {err.mean:.3g}, "
+                      f"top-1 agreement {err.top1_agreement:.1%}")
+    if result.gguf is not None:
+        console.print(f"gguf: {result.gguf.path} ({result.gguf.size_bytes / 1e6:.1f} MB, {result.gguf.type})")
+
+
+def command(
+    model: Annotated[Optional[str], opt(S, "model", "--model", "-m")] = None,
+    adapter_path: Annotated[Optional[Path], opt(S, "adapter_path")] = None,
+    out: Annotated[Optional[Path], opt(S, "out", "--out", "-o")] = None,
+    dtype: Annotated[Optional[str], opt(S, "dtype")] = None,
+    requantize: Annotated[Optional[int], opt(S, "requantize")] = None,
+    q_group_size: Annotated[Optional[int], opt(S, "q_group_size")] = None,
+    export_gguf: Annotated[Optional[Path], opt(S, "export_gguf")] = None,
+    gguf_type: Annotated[Optional[str], opt(S, "gguf_type")] = None,
+    verify: Annotated[Optional[bool], opt(S, "verify")] = None,
+    verify_tolerance: Annotated[Optional[float], opt(S, "verify_tolerance")] = None,
+    overwrite: Annotated[Optional[bool], opt(S, "overwrite", "--overwrite")] = None,
+    quantize: Annotated[Optional[int], opt(S, "quantize")] = None,
+    revision: Annotated[Optional[str], opt(S, "revision")] = None,
+    trust_remote_code: Annotated[Optional[bool], opt(S, "trust_remote_code", "--trust-remote-code")] = None,
+    config: ConfigOpt = None,
+    json_output: JsonOpt = None,
+    quiet: QuietOpt = None,
+    debug: DebugOpt = None,
+) -> None:
+    """Merge a LoRA/DoRA adapter into its base: one verified model directory for MLX and transformers,
+    optionally a GGUF for llama.cpp."""
+    run_command("fuse", locals(), _render)
