@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_engine_generate import PROMPTS, make_adapter
 from typer.testing import CliRunner
 
 from lorakit.cli.app import app
 from lorakit.testing import tiny_model_dir
-from test_engine_generate import PROMPTS, make_adapter
 
 runner = CliRunner()
 
@@ -52,7 +52,8 @@ def test_prompt_from_stdin(model):
 
 
 def test_seed_makes_sampling_repeatable(model):
-    args = ["--model", model, "-p", PROMPTS[0], "--max-tokens", "24", "--temp", "1.0", "--top-k", "100", "--json"]
+    args = ["--model", model, "-p", PROMPTS[0], "--max-tokens", "24", "--temp", "1.0", "--top-k", "100",
+            "--json"]
     texts = [as_json(gen(*args, "--seed", s))["text"] for s in ("5", "5", "6", "7")]
     assert texts[0] == texts[1]
     assert texts[0] != texts[2] or texts[0] != texts[3]
@@ -75,8 +76,8 @@ def test_stop_strings_keep_their_whitespace():
 
 
 def test_no_chat_template_uses_raw_text(model):
-    chat = as_json(gen("--model", model, "-p", PROMPTS[0], "--max-tokens", "10", "--json"))
-    raw = as_json(gen("--model", model, "-p", PROMPTS[0], "--max-tokens", "10", "--json", "--no-chat-template"))
+    args = ["--model", model, "-p", PROMPTS[0], "--max-tokens", "10", "--json"]
+    chat, raw = as_json(gen(*args)), as_json(gen(*args, "--no-chat-template"))
     assert raw["prompt_tokens"] < chat["prompt_tokens"]
     bad = gen("--model", model, "-p", "x", "--system", "be nice", "--no-chat-template")
     assert bad.exit_code == 2 and "--system" in bad.stderr
@@ -98,8 +99,8 @@ def test_jsonl_input_to_stdout_and_to_file(model, tmp_path):
     assert [json.loads(line) for line in out.read_text().splitlines()] == rows
     again = gen("--model", model, "-i", str(path), "-o", str(out))
     assert again.exit_code == 2 and "--overwrite" in again.stderr
-    summary = as_json(gen("--model", model, "-i", str(path), "-o", str(out), "--overwrite", "--max-tokens", "8",
-                          "--json"))
+    summary = as_json(gen("--model", model, "-i", str(path), "-o", str(out), "--overwrite", "--max-tokens",
+                          "8", "--json"))
     assert summary["count"] == len(PROMPTS) and summary["output"] == str(out)
 
 
@@ -118,6 +119,8 @@ def test_missing_prompt_and_bad_flags_are_exit_2(model):
     assert bad_temp.exit_code == 2 and "--temp" in bad_temp.stderr
     missing = gen("--model", "/nonexistent/model", "-p", "x")
     assert missing.exit_code == 2 and "--model" in missing.stderr
+    no_input = gen("--model", model, "--input", "/nonexistent/prompts.jsonl")
+    assert no_input.exit_code == 2 and "--input /nonexistent/prompts.jsonl: file not found" in no_input.stderr
 
 
 def test_adapter_and_compare_base(model, tmp_path):

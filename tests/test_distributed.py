@@ -247,8 +247,9 @@ def test_a_lost_rank_makes_the_other_exit_with_a_clear_message(how, tiny_model, 
                 p.kill()
             p.communicate()
     assert rank0.returncode == 1, stderr
-    if how == "killed":  # the ring backend sees the closed socket at once
-        assert "rank 0 of 2: lost contact with another process" in stderr
+    if how == "killed":  # the ring backend sees the closed socket (or, where it keeps waiting, the watchdog)
+        assert ("rank 0 of 2: lost contact with another process" in stderr
+                or "rank 0 of 2: no training progress for" in stderr), stderr
         assert waited < 30
     else:  # a stopped peer keeps its sockets open: only the watchdog ends the wait
         assert "rank 0 of 2: no training progress for" in stderr

@@ -223,7 +223,7 @@ def test_generate_text_and_label_metrics(tiny_model, qa_data, tmp_path, monkeypa
 
 
 def test_real_generation_runs_greedy_and_repeatably(tiny_model, qa_data, tmp_path):
-    kw = dict(generate=True, max_tokens=4, limit=2, seed=3)
+    kw = {"generate": True, "max_tokens": 4, "limit": 2, "seed": 3}
     first = ev.run(_settings(tiny_model, qa_data, tmp_path / "a", **kw), Reporter())
     second = ev.run(_settings(tiny_model, qa_data, tmp_path / "b", **kw), Reporter())
     rows_a = (tmp_path / "a" / "predictions.jsonl").read_text()

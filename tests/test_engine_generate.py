@@ -36,7 +36,7 @@ def make_adapter(model_dir: Path, out: Path, seed: int = 1) -> Path:
 
 @pytest.fixture(scope="session")
 def untied_model(tmp_path_factory):
-    """A tiny llama with an untied head: its greedy answers vary with the prompt (the tied one repeats itself)."""
+    """A tiny llama with an untied head: its greedy answers vary with the prompt (the tied one repeats)."""
     return tiny_model_dir(tmp_path_factory.mktemp("untied") / "model", tie_word_embeddings=False)
 
 
@@ -56,7 +56,8 @@ def greedy(**kw) -> g.Sampling:
 def test_build_prompt_applies_chat_template_and_system(loaded):
     tok = loaded.tokenizer
     chat = tok.decode(g.build_prompt(tok, "hi", system="Be brief."))
-    assert chat == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert chat == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+                    "<|im_start|>assistant\n")
     assert tok.decode(g.build_prompt(tok, "hi", chat_template=False)) == "hi"
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hel"}]
     assert tok.decode(g.build_prompt(tok, messages)).endswith("<|im_start|>assistant\nHel")  # continued
@@ -77,7 +78,8 @@ def test_greedy_is_deterministic_and_prompt_dependent(loaded):
 def test_sampling_is_deterministic_for_a_seed(loaded):
     tokens = g.build_prompt(loaded.tokenizer, PROMPTS[0])
     sampling = greedy(temp=1.0, top_p=0.95, top_k=100, min_p=0.01, repetition_penalty=1.1)
-    texts = [g.generate_one(loaded.model, loaded.tokenizer, tokens, sampling, 24, seed=s).text for s in (7, 7, 8, 9)]
+    texts = [g.generate_one(loaded.model, loaded.tokenizer, tokens, sampling, 24, seed=s).text
+             for s in (7, 7, 8, 9)]
     assert texts[0] == texts[1]
     assert texts[0] != texts[2] or texts[0] != texts[3]
 
@@ -151,8 +153,8 @@ def test_run_reads_stdin_for_dash(untied_model, monkeypatch):
     import io
 
     monkeypatch.setattr("sys.stdin", io.StringIO(PROMPTS[1]))
-    from_stdin = g.run(settings(untied_model, prompt="-", max_tokens=8, json_output=True), RecordingReporter())
-    direct = g.run(settings(untied_model, prompt=PROMPTS[1], max_tokens=8, json_output=True), RecordingReporter())
+    from_stdin = g.run(settings(untied_model, prompt="-", max_tokens=8), RecordingReporter())
+    direct = g.run(settings(untied_model, prompt=PROMPTS[1], max_tokens=8), RecordingReporter())
     assert from_stdin.text == direct.text
 
 
@@ -165,11 +167,12 @@ def test_run_jsonl_input_keeps_order_and_ids(untied_model, tmp_path):
         json.dumps({"id": 3, "prompt": PROMPTS[2], "extra": "ignored"}),
     ]) + "\n")
     out = tmp_path / "out.jsonl"
-    result = g.run(settings(untied_model, input=path, output=out, max_tokens=10, batch_size=2), RecordingReporter())
+    result = g.run(settings(untied_model, input=path, output=out, max_tokens=10, batch_size=2),
+                   RecordingReporter())
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert result.count == 3 and result.output == str(out) and result.results is None
     assert [r.get("id") for r in rows] == ["a", None, 3] and "id" not in rows[1]
-    single = g.run(settings(untied_model, prompt=PROMPTS[2], max_tokens=10, json_output=True), RecordingReporter())
+    single = g.run(settings(untied_model, prompt=PROMPTS[2], max_tokens=10), RecordingReporter())
     assert rows[2]["text"] == single.text
     with pytest.raises(UserError, match="--overwrite"):
         g.run(settings(untied_model, input=path, output=out), RecordingReporter())
@@ -209,8 +212,8 @@ def test_adapter_changes_answers_and_compare_base_shows_both(untied_model, tmp_p
     tuned = g.run(settings(untied_model, prompt=PROMPTS[0], max_tokens=16, adapter_path=adapter),
                   RecordingReporter())
     assert tuned.text != base.text and tuned.adapter == str(adapter)
-    both = g.run(settings(untied_model, prompt=PROMPTS[0], max_tokens=16, adapter_path=adapter, compare_base=True),
-                 RecordingReporter())
+    both = g.run(settings(untied_model, prompt=PROMPTS[0], max_tokens=16, adapter_path=adapter,
+                          compare_base=True), RecordingReporter())
     assert (both.text, both.base_text) == (tuned.text, base.text)
 
 

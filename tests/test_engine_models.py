@@ -85,8 +85,9 @@ def test_corrupt_safetensors(tiny_model, tmp_path):
 def test_not_a_path_nor_a_repo_id(tmp_path):
     with pytest.raises(UserError, match="no such directory or file, and not a Hugging Face repo id"):
         resolve_model_path(str(tmp_path / "nope"))
+    (tmp_path / "weights.bin").write_bytes(b"x")
     with pytest.raises(UserError, match="expected a model directory or a .gguf file"):
-        resolve_model_path(str(tmp_path / "config.json") if (tmp_path / "config.json").write_text("{}") else "")
+        resolve_model_path(str(tmp_path / "weights.bin"))
 
 
 def test_hub_id_without_network_says_what_to_do(monkeypatch):

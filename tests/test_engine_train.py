@@ -103,8 +103,8 @@ def test_mlx_lm_loads_and_fuses_the_adapter(tiny_model, data, tmp_path, monkeypa
     ("lora", {"optimizer": "adafactor", "num_layers": 1, "target_modules": "attention", "lora_dropout": 0.1}),
 ])
 def test_fine_tune_kinds_train(tiny_model, data, tmp_path, kind, extra):
-    result = train.run(settings(tiny_model, data, tmp_path / "ad", fine_tune_type=kind, **extra),
-                       RecordingReporter())
+    result = train.run(settings(tiny_model, data, tmp_path / "ad", fine_tune_type=kind, iters=2,
+                                steps_per_eval=100, **extra), RecordingReporter())
     assert result.best_val_loss < result.initial_val_loss
     weights = mx.load(str(tmp_path / "ad" / "adapters.safetensors"))
     if kind == "full":
@@ -116,7 +116,8 @@ def test_fine_tune_kinds_train(tiny_model, data, tmp_path, kind, extra):
 
 
 def test_qlora_on_quantized_base(tiny_model_q4, data, tmp_path):
-    result = train.run(settings(tiny_model_q4, data, tmp_path / "ad", iters=2), RecordingReporter())
+    result = train.run(settings(tiny_model_q4, data, tmp_path / "ad", iters=2, steps_per_eval=100),
+                       RecordingReporter())
     assert result.best_val_loss < result.initial_val_loss
 
 

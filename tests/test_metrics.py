@@ -2,8 +2,19 @@
 
 import pytest
 
-from lorakit.engine.metrics import (LabelExtractor, contains, exact_match, judge_metrics, label_metrics,
-                                    normalize, parse_verdict, swap_verdict, text_metrics, text_scores, token_f1)
+from lorakit.engine.metrics import (
+    LabelExtractor,
+    contains,
+    exact_match,
+    judge_metrics,
+    label_metrics,
+    normalize,
+    parse_verdict,
+    swap_verdict,
+    text_metrics,
+    text_scores,
+    token_f1,
+)
 
 
 def test_normalize_collapses_whitespace_and_case():

@@ -17,8 +17,9 @@ def _render(result: Any, settings: Any) -> None:
     console.print(f"fused model: {result.out} ({result.size_bytes / 1e6:.1f} MB, {result.dtype}{quant}, "
                   f"{result.fused_layers} layers fused)")
     if result.check is not None:
-        console.print(f"verified: max logit difference {result.check.max_logit_diff:.3g} vs base+adapter "
-                      f"(tolerance {result.check.tolerance:.3g}), top-1 agreement {result.check.top1_agreement:.1%}")
+        check = result.check
+        console.print(f"verified: max logit difference {check.max_logit_diff:.3g} vs base+adapter "
+                      f"(tolerance {check.tolerance:.3g}), top-1 agreement {check.top1_agreement:.1%}")
     if result.requantize_error is not None:
         err = result.requantize_error
         console.print(f"re-quantization error: max logit difference {err.max:.3g}, mean {err.mean:.3g}, "

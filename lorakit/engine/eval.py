@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,11 +25,17 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
+from mlx import nn
 
 from lorakit.engine import metrics
-from lorakit.engine.adapters import ADAPTER_FILE, check_base, load_adapter, read_adapter_config, resolve_adapter_dir
+from lorakit.engine.adapters import (
+    ADAPTER_FILE,
+    check_base,
+    load_adapter,
+    read_adapter_config,
+    resolve_adapter_dir,
+)
 from lorakit.engine.batching import Batch, BatchPlan
 from lorakit.engine.data import Example, load_split, split_path
 from lorakit.engine.generate import base_model, build_prompt, generate_batch, make_sampling
@@ -37,7 +44,15 @@ from lorakit.engine.losses import loss_head
 from lorakit.engine.models import LoadedModel, load_model
 from lorakit.engine.reporter import Reporter
 from lorakit.errors import UserError
-from lorakit.io import iter_jsonl, replace_dir, sha256_file, staging_dir, write_json, write_jsonl
+from lorakit.io import (
+    ensure_new_dir,
+    iter_jsonl,
+    replace_dir,
+    sha256_file,
+    staging_dir,
+    write_json,
+    write_jsonl,
+)
 from lorakit.settings import EvalSettings, settings_dict
 
 JUDGE_LABELS = list(metrics.VERDICTS)
@@ -86,14 +101,6 @@ def out_dir(settings: EvalSettings) -> Path:
     return Path(settings.adapter_path) / name if settings.adapter_path else Path(name)
 
 
-def _check_out(path: Path, overwrite: bool) -> None:
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--out {path}: exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise UserError(f"--out {path}: holds an earlier evaluation; pass --overwrite to replace it "
-                        "(or --out DIR for another place)")
-
-
 def generation_parts(raw: dict, where: str) -> tuple[str | list[dict], str]:
     """(prompt, reference) of a chat or prompt/completion record: the last assistant turn is the reference."""
     if isinstance(raw.get("messages"), list):
@@ -114,7 +121,7 @@ def _label_extractor(settings: EvalSettings) -> metrics.LabelExtractor | None:
         return None
     try:
         return metrics.LabelExtractor(settings.label_pattern, settings.labels, settings.ignore_case)
-    except Exception as e:  # re.error
+    except re.error as e:
         raise UserError(f"--label-pattern {settings.label_pattern!r}: not a valid regular expression ({e})") from None
 
 
@@ -224,7 +231,7 @@ def loss_metrics(sums: np.ndarray, counts: np.ndarray) -> dict[str, float]:
     tokens = float(counts.sum())
     loss = float(sums.sum()) / tokens if tokens else float("nan")
     return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else float("inf"), "tokens": int(tokens),
-            "examples": int(len(counts))}
+            "examples": len(counts)}
 
 
 def loss_examples(settings: EvalSettings, loaded: LoadedModel, records: list[Record], n_rows: int,
@@ -380,8 +387,7 @@ def run(settings: EvalSettings, reporter: Reporter) -> EvalResult:
     if settings.compare_base and settings.adapter_path is None:
         raise UserError("--compare-base compares an adapter with its base: pass --adapter-path too")
     path = split_path(settings.data, settings.split)
-    out = out_dir(settings)
-    _check_out(out, settings.overwrite)
+    out = ensure_new_dir(out_dir(settings), settings.overwrite)
     template = JudgePrompt(settings.judge_template) if settings.judge else None
     records, n_rows = read_records(settings, path, reporter)
 

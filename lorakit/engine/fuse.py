@@ -139,7 +139,7 @@ def run(settings: FuseSettings, reporter: Reporter) -> FuseResult:
             _save(staging, model, config)
 
             shipped = _shipped_logits(staging, prompts) if settings.verify or settings.requantize else None
-            if settings.verify:
+            if settings.verify:  # a re-quantized output is checked before quantizing; its own error follows
                 result.check = _check(shipped if not settings.requantize else fused_float, reference,
                                       base_logits, settings, (base_dtype, out_dtype))
                 _report_check(result.check, reporter)
@@ -147,8 +147,8 @@ def run(settings: FuseSettings, reporter: Reporter) -> FuseResult:
                     raise RunError(
                         f"verification failed: the fused model's logits differ from base+adapter by "
                         f"{result.check.max_logit_diff:.4g} (tolerance {result.check.tolerance:.4g}) on "
-                        f"{result.check.prompts} prompts; nothing was written to {out}. Rerun with --debug and "
-                        "report it; --verify-tolerance raises the bound if the difference is expected")
+                        f"{result.check.prompts} prompts; nothing was written to {out}. Rerun with --debug "
+                        "and report it; --verify-tolerance raises the bound if the difference is expected")
             if settings.requantize:
                 result.requantize_error = _diff(shipped, fused_float)
                 reporter.log(f"re-quantization to {settings.requantize} bits changed the logits by at most "
@@ -173,8 +173,11 @@ def _gguf_target(settings: FuseSettings) -> Path | None:
     if path is None:
         return None
     path = Path(path)
+    if path.resolve() == Path(settings.out).resolve():
+        raise UserError(f"--export-gguf {path}: the same path as --out; give a file name such as {path}.gguf")
     if path.is_dir():
-        raise UserError(f"--export-gguf {path}: is a directory; give a file name such as {path / 'model.gguf'}")
+        raise UserError(f"--export-gguf {path}: is a directory; give a file name such as "
+                        f"{path / 'model.gguf'}")
     if path.exists() and not settings.overwrite:
         raise UserError(f"--export-gguf {path}: file exists; pass --overwrite to replace it")
     return path
@@ -188,7 +191,7 @@ def _relative_to(path: Path, directory: Path) -> Path | None:
 
 
 def _float_dtype(model: nn.Module) -> mx.Dtype:
-    """The base's float type: the most common floating dtype among its parameters (scales for a quantized base)."""
+    """The base's float type: its most common floating parameter dtype (the scales' for a quantized base)."""
     dtypes = [v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
     return max(set(dtypes), key=dtypes.count) if dtypes else mx.float16
 
@@ -241,21 +244,23 @@ def _report_check(check: FuseCheck, reporter: Reporter) -> None:
                  f"{check.tolerance:.3g}), top-1 agreement {check.top1_agreement:.1%} over {check.positions} "
                  f"positions; the adapter itself moves logits by up to {check.adapter_effect:.3g}")
     if check.passed and check.adapter_effect <= check.tolerance:
-        reporter.warn(f"the adapter changes the logits by at most {check.adapter_effect:.3g}, within the check's "
-                      f"tolerance {check.tolerance:.3g}: the check cannot tell the fused model from the base. "
-                      "Is this adapter trained?")
+        reporter.warn(f"the adapter changes the logits by at most {check.adapter_effect:.3g}, within the "
+                      f"check's tolerance {check.tolerance:.3g}: the check cannot tell the fused model from "
+                      "the base. Is this adapter trained?")
 
 
 def _warn_if_qlora(adapter_config: dict, loaded: LoadedModel, reporter: Reporter) -> None:
     bits = ((adapter_config.get("lorakit") or {}).get("settings") or {}).get("quantize")
     if bits and "quantization" not in loaded.config:
-        reporter.warn(f"the adapter was trained on the base quantized to {bits} bits (QLoRA); fusing into the "
-                      f"float weights. Pass --quantize {bits} to fuse into the weights it was trained against.")
+        reporter.warn(f"the adapter was trained on the base quantized to {bits} bits (QLoRA); fusing into "
+                      f"the float weights. Pass --quantize {bits} to fuse into the weights it was trained "
+                      "on.")
 
 
 def _fuse_layers(model: nn.Module) -> int:
     """Replace every LoRA/DoRA layer by the plain linear its own `fuse()` returns (float weights)."""
-    fused = [(name, module.fuse(dequantize=True)) for name, module in model.named_modules() if hasattr(module, "fuse")]
+    fused = [(name, module.fuse(dequantize=True)) for name, module in model.named_modules()
+             if hasattr(module, "fuse")]
     if fused:
         model.update_modules(tree_unflatten(fused))
     return len(fused)
@@ -267,8 +272,9 @@ def _dequantize(model: nn.Module) -> None:
     dequantize_model(model)
 
 
-def _requantize(model: nn.Module, config: dict, settings: FuseSettings, base_config: dict) -> tuple[dict, dict]:
-    """Quantize the fused model (mlx-lm's format); the group size of a quantized base unless --q-group-size."""
+def _requantize(model: nn.Module, config: dict, settings: FuseSettings,
+                base_config: dict) -> tuple[dict, dict]:
+    """Quantize the fused model in mlx-lm's format; a quantized base's group size unless --q-group-size."""
     group = settings.q_group_size
     if "q_group_size" not in settings.model_fields_set and "quantization" in base_config:
         group = base_config["quantization"].get("group_size", group)

@@ -77,21 +77,24 @@ def _check_messages(messages: Any) -> Messages:
     if not isinstance(messages, list) or not messages:
         raise UserError("'messages' must be a non-empty list of {\"role\": ..., \"content\": ...} objects")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise UserError(f"messages[{i}] must be an object with string 'role' and 'content'")
     return messages
 
 
 def build_prompt(tokenizer: Any, prompt: str | Messages, system: str | None = None,
                  chat_template: bool = True) -> list[int]:
-    """Token ids for a prompt text or a chat, through the tokenizer's chat template unless chat_template is False.
+    """Token ids for a prompt text or a chat, through the tokenizer's chat template unless told otherwise.
 
     `system` is put first unless the chat has its own system message. A chat ending with an assistant
     message is continued: its text is the start of the answer. Without a template (chat_template False,
     or a tokenizer that has none) a text prompt is encoded as is and a chat is refused.
     """
     if chat_template and tokenizer.has_chat_template:
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _check_messages(prompt)
+        if isinstance(prompt, str):
+            messages = [{"role": "user", "content": prompt}]
+        else:
+            messages = _check_messages(prompt)
         if system is not None and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": system}, *messages]
         prefill = messages[-1]["role"] == "assistant"
@@ -102,8 +105,8 @@ def build_prompt(tokenizer: Any, prompt: str | Messages, system: str | None = No
         bos = tokenizer.bos_token
         tokens = tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
     else:
-        raise UserError("'messages' needs a chat template; give a 'prompt' text instead, or use a model whose "
-                        "tokenizer has a chat template (and drop --no-chat-template)")
+        raise UserError("'messages' needs a chat template; give a 'prompt' text instead, or use a model "
+                        "whose tokenizer has a chat template (and drop --no-chat-template)")
     if not tokens:
         raise UserError("the prompt is empty")
     return tokens
@@ -226,9 +229,9 @@ def generate_batch(model: nn.Module, tokenizer: Any, prompts: list[list[int]], s
         gen.close()
     peak = mx.get_peak_memory() / 1e9
     return [
-        Generation(text="".join(texts[uid]), prompt_tokens=len(prompts[index[uid]]), generation_tokens=counts[uid],
-                   prompt_tps=stats.prompt_tps, generation_tps=stats.generation_tps, peak_memory=peak,
-                   finish_reason=finished[uid])
+        Generation(text="".join(texts[uid]), prompt_tokens=len(prompts[index[uid]]),
+                   generation_tokens=counts[uid], prompt_tps=stats.prompt_tps,
+                   generation_tps=stats.generation_tps, peak_memory=peak, finish_reason=finished[uid])
         for uid in uids
     ]
 
@@ -251,7 +254,7 @@ def base_model(model: nn.Module) -> Iterator[int]:
             model.update_modules(tree_unflatten(adapted))
 
 
-# ---- the command --------------------------------------------------------------------------------------------
+# ---- the command -------------------------------------------------------------------------------------------
 
 @dataclass
 class _Record:
@@ -262,6 +265,8 @@ class _Record:
 
 
 def _read_input(path: Path) -> list[_Record]:
+    if not path.is_file():
+        raise UserError(f"--input {path}: file not found (expected JSONL with 'prompt' or 'messages' per line)")
     records = []
     for line, obj in iter_jsonl(path):
         has_prompt, has_messages = "prompt" in obj, "messages" in obj
@@ -320,13 +325,13 @@ def _answer_prompt(settings: Any, loaded: Any, prompt: str, use_template: bool, 
     tokens = build_prompt(loaded.tokenizer, prompt, settings.system, use_template)
     sampling = make_sampling(settings)
     # Stream only when the text is the whole output: --json and --compare-base print it afterwards.
-    stream = not settings.json_output and not settings.compare_base
-    answer = generate_one(loaded.model, loaded.tokenizer, tokens, sampling, settings.max_tokens, settings.stop,
-                          settings.seed, on_text=reporter.on_token if stream else None)
+    on_text = reporter.on_token if not settings.json_output and not settings.compare_base else None
+    model, tokenizer = loaded.model, loaded.tokenizer
+    limits = (settings.max_tokens, settings.stop, settings.seed)
+    answer = generate_one(model, tokenizer, tokens, sampling, *limits, on_text=on_text)
     if settings.compare_base:
-        with base_model(loaded.model):
-            result.base_text = generate_one(loaded.model, loaded.tokenizer, tokens, sampling, settings.max_tokens,
-                                            settings.stop, settings.seed).text
+        with base_model(model):
+            result.base_text = generate_one(model, tokenizer, tokens, sampling, *limits).text
     result.text, result.finish_reason, result.count = answer.text, answer.finish_reason, 1
     result.prompt_tokens, result.generation_tokens = answer.prompt_tokens, answer.generation_tokens
     result.prompt_tps, result.generation_tps = answer.prompt_tps, answer.generation_tps
@@ -346,8 +351,9 @@ def _answer_input(settings: Any, loaded: Any, records: list[_Record], use_templa
     reporter.start("generate", total=len(prompts) * (2 if settings.compare_base else 1))
 
     def batch() -> list[Generation]:
-        return generate_batch(loaded.model, loaded.tokenizer, prompts, sampling, settings.max_tokens, settings.stop,
-                              settings.seed, settings.batch_size, on_result=lambda i: reporter.advance(1))
+        return generate_batch(loaded.model, loaded.tokenizer, prompts, sampling, settings.max_tokens,
+                              settings.stop, settings.seed, settings.batch_size,
+                              on_result=lambda i: reporter.advance(1))
 
     answers = batch()
     base_answers: list[Generation | None] = [None] * len(answers)
@@ -357,7 +363,7 @@ def _answer_input(settings: Any, loaded: Any, records: list[_Record], use_templa
     reporter.finish()
 
     rows = []
-    for rec, answer, base in zip(records, answers, base_answers):
+    for rec, answer, base in zip(records, answers, base_answers, strict=True):
         row = {"id": rec.id} if rec.has_id else {}
         row.update(text=answer.text, finish_reason=answer.finish_reason, prompt_tokens=answer.prompt_tokens,
                    generation_tokens=answer.generation_tokens)

@@ -42,13 +42,13 @@ def check_exportable(config: dict) -> None:
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UserError(f"--export-gguf: model type '{model_type}' is not supported (supported: "
-                        f"{', '.join(SUPPORTED_MODEL_TYPES)}). Drop --export-gguf, or convert the fused directory "
-                        "with llama.cpp's convert_hf_to_gguf.py.")
+                        f"{', '.join(SUPPORTED_MODEL_TYPES)}). Drop --export-gguf, or convert the fused "
+                        "directory with llama.cpp's convert_hf_to_gguf.py.")
     scaling = config.get("rope_scaling")
     kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type")
     if scaling and kind != "linear":
-        raise UserError(f"--export-gguf: rope_scaling type '{kind}' is not supported (only linear). Convert the "
-                        "fused directory with llama.cpp's convert_hf_to_gguf.py instead.")
+        raise UserError(f"--export-gguf: rope_scaling type '{kind}' is not supported (only linear). Convert "
+                        "the fused directory with llama.cpp's convert_hf_to_gguf.py instead.")
 
 
 def export_gguf(weights: dict[str, mx.array], config: dict, tokenizer_dir: Path, path: Path, gguf_type: str,
@@ -88,11 +88,12 @@ def export_gguf(weights: dict[str, mx.array], config: dict, tokenizer_dir: Path,
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return GgufExport(path=str(path), type=gguf_type, size_bytes=Path(path).stat().st_size, tensors=len(weights),
-                      tokenizer_model=tokenizer_model, tokenizer_pre=pre)
+    return GgufExport(path=str(path), type=gguf_type, size_bytes=Path(path).stat().st_size,
+                      tensors=len(weights), tokenizer_model=tokenizer_model, tokenizer_pre=pre)
 
 
-def _encode(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+def _encode(data: np.ndarray,
+            qtype: gguf.GGMLQuantizationType) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
     """Quantize one matrix; rows q8_0 cannot split into blocks fall back to f16 (as llama.cpp does)."""
     try:
         return gguf.quants.quantize(data, qtype), qtype
@@ -155,8 +156,8 @@ def _add_tokenizer(writer: gguf.GGUFWriter, directory: Path, vocab_size: int,
         writer.add_token_scores(scores)
         writer.add_token_types(types)
     else:
-        raise UserError(f"--export-gguf: the tokenizer in {directory} is neither a byte-level BPE tokenizer.json "
-                        "nor a SentencePiece tokenizer.model; llama.cpp cannot use it")
+        raise UserError(f"--export-gguf: the tokenizer in {directory} is neither a byte-level BPE "
+                        "tokenizer.json nor a SentencePiece tokenizer.model; llama.cpp cannot use it")
     special = gguf.SpecialVocab(directory, load_merges=kind == "gpt2", n_vocab=vocab_size)
     special.add_to_gguf(writer, quiet=True)
     if "add_bos" not in special.add_special_token:
@@ -201,6 +202,6 @@ def _pre_tokenizer_name(pre_tokenizer: dict | None, reporter: Reporter) -> str:
     for name, known in PRE_TOKENIZER_SPLITS.items():
         if name != "default" and known == splits:
             return name
-    reporter.warn("--export-gguf: the tokenizer's pre-tokenizer matches none llama.cpp names; writing 'default' "
-                  "(llama.cpp may split text differently than the model was trained on)")
+    reporter.warn("--export-gguf: the tokenizer's pre-tokenizer matches no name llama.cpp knows; writing "
+                  "'default' (llama.cpp may split text differently than the model was trained on)")
     return "default"

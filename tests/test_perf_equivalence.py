@@ -1,0 +1,122 @@
+"""Speed must never change results: the optimised loss path matches the straightforward one on the tiny model.
+
+Optimised: hidden states projected onto the vocabulary only at loss-bearing positions, in chunks, with the
+cross-entropy gradient computed on the way (lorakit.engine.losses). Straightforward: full logits from
+model(inputs), plain masked cross-entropy, autodiff.
+"""
+
+import json
+
+import lorakit.engine  # noqa: F401  (OpenBLAS before mlx)
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from lorakit.engine import losses
+from lorakit.engine import train as train_engine
+from lorakit.engine.batching import BatchPlan
+from lorakit.engine.data import Example
+from lorakit.engine.reporter import Reporter
+from lorakit.settings import TrainSettings
+
+
+def _lora_model(tiny_model):
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(tiny_model)
+    model.freeze()
+    linear_to_lora_layers(model, len(model.layers), {"rank": 4, "scale": 20.0, "dropout": 0.0})
+    mx.random.seed(3)
+    model.update(_randomised_lora_b(model))  # non-zero lora_b, so every LoRA weight gets a gradient
+    model.train()
+    return model
+
+
+def _randomised_lora_b(model):
+    from mlx.utils import tree_map_with_path
+
+    return tree_map_with_path(
+        lambda path, p: mx.random.normal(p.shape) * 0.05 if path.endswith("lora_b") else p,
+        model.trainable_parameters())
+
+
+def _examples(n, masked, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        length = int(rng.integers(100, 200))
+        tokens = rng.integers(3, 380, size=length).astype(np.int32)
+        mask = np.zeros(length, bool)
+        mask[length - int(rng.integers(5, 30)) if masked else 1:] = True  # masked: a short completion
+        out.append(Example(tokens, mask))
+    return out
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_chunked_loss_and_gradients_match_full_logits(tiny_model, monkeypatch, masked):
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 384 * 50)  # several vocabulary-projection chunks
+    model = _lora_model(tiny_model)
+    head = losses.loss_head(model)
+    assert head == "tied"
+    plan = BatchPlan(_examples(8, masked), batch_size=4, max_seq_length=256, seed=0)
+    for b in range(len(plan)):
+        batch = plan.build(b)
+        assert (batch.positions is not None) == masked  # both projection paths get exercised
+        arrays = batch.to_mx()
+        (l_ref, n_ref), g_ref = nn.value_and_grad(model, losses.batch_loss)(model, arrays, None)
+        (l_opt, n_opt), g_opt = nn.value_and_grad(model, losses.batch_loss)(model, arrays, head)
+        assert n_opt.item() == n_ref.item() == batch.loss_tokens
+        assert l_opt.item() == pytest.approx(l_ref.item(), rel=1e-5)
+        for (name, a), (_, b_) in zip(tree_flatten(g_ref), tree_flatten(g_opt)):
+            scale = mx.abs(a).max().item()
+            assert scale > 0, name
+            assert mx.abs(a - b_).max().item() <= 1e-4 * scale, name
+        model.eval()  # evaluation (no gradient) takes the loss-only chunked path
+        assert losses.batch_loss(model, arrays, head)[0].item() == pytest.approx(l_ref.item(), rel=1e-5)
+        model.train()
+
+
+def _chat_data(path, n=24):
+    path.mkdir()
+    rng = np.random.default_rng(1)
+    words = ["reset", "password", "order", "ships", "France", "Paris", "answer", "verdict", "settings", "help"]
+    with open(path / "train.jsonl", "w") as f:
+        for _ in range(n):
+            q = " ".join(rng.choice(words, size=int(rng.integers(3, 15))))
+            a = " ".join(rng.choice(words, size=int(rng.integers(3, 40))))
+            f.write(json.dumps({"messages": [{"role": "user", "content": q},
+                                             {"role": "assistant", "content": a}]}) + "\n")
+
+
+class _Losses(Reporter):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_report(self, info):
+        self.losses.append(info["train_loss"])
+
+
+def _train(tiny_model, data, out, straightforward, monkeypatch):
+    if straightforward:
+        monkeypatch.setattr(train_engine, "loss_head", lambda model: None)
+    reporter = _Losses()
+    settings = TrainSettings(model=str(tiny_model), data=data, adapter_path=out, iters=8, batch_size=4,
+                             learning_rate=2e-3, steps_per_report=1, steps_per_eval=1000, save_every=1000,
+                             max_seq_length=128, lora_rank=4, lora_alpha=8, quiet=True)
+    train_engine.run(settings, reporter)
+    monkeypatch.undo()
+    return reporter.losses
+
+
+def test_training_loss_curve_matches_straightforward_path(tiny_model, tmp_path, monkeypatch):
+    _chat_data(tmp_path / "data")
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 384 * 40)
+    fast = _train(tiny_model, tmp_path / "data", tmp_path / "fast", False, monkeypatch)
+    plain = _train(tiny_model, tmp_path / "data", tmp_path / "plain", True, monkeypatch)
+    assert len(fast) == len(plain) == 8
+    assert fast[-1] < fast[0]  # it does learn
+    # Adam turns float rounding in near-zero gradients into small update differences: allow that noise
+    np.testing.assert_allclose(fast, plain, rtol=1e-3)
