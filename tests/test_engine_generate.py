@@ -124,7 +124,7 @@ def test_end_of_sequence_ends_the_answer_and_is_not_text(loaded):
     assert [b.text for b in batch] == [one.text] * 2 and batch[0].finish_reason == "stop"
 
 
-@pytest.mark.parametrize("batch_size", [2, 8])
+@pytest.mark.parametrize("batch_size", [1, 2, 8])  # 1: the one-by-one path
 def test_batched_equals_one_by_one_for_greedy(loaded, batch_size):
     tokens = [g.build_prompt(loaded.tokenizer, p) for p in PROMPTS]
     stop = ["capital", "Ver"]

@@ -7,8 +7,8 @@
   order of batches is a permutation drawn from (seed, epoch), so any position (epoch, index) can be
   resumed without stored RNG state.
 - Shapes are rounded up to buckets (8 per octave, at least 32) so the compiled step re-traces rarely.
-- `Batch.positions` lists the flat indices of loss-bearing targets (padded to a bucket) when they are a
-  small share of the batch: the loss then projects only those hidden states onto the vocabulary.
+- `Batch.positions` lists the flat indices of loss-bearing targets (padded to 1/4, 1/2 or 3/4 of the
+  batch's positions) when they are under 3/4 of the batch: the loss then projects only those hidden states onto the vocabulary.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ import numpy as np
 
 from lorakit.engine.data import Example
 
-GATHER_BELOW = 0.75  # gather loss positions when they are under this share of the batch's positions
+# Gather loss positions, padded to the first of these shares of the batch that holds them; above the
+# last share the loss projects every position.
+GATHER_SHARES = (0.25, 0.5, 0.75)
 
 
 def bucket(n: int, minimum: int = 32) -> int:
@@ -153,8 +155,11 @@ class BatchPlan:
                       segments=segments[:, :-1] if self.pack else None, positions=None,
                       examples=sum(len(row) for row in rows))
         flat = np.flatnonzero(weights.reshape(-1)).astype(np.int32)
-        k = bucket(len(flat), 64)
-        if k < GATHER_BELOW * weights.size:
-            batch.positions = np.concatenate([flat, np.zeros(k - len(flat), np.int32)])
-            batch.n_positions = len(flat)
+        # a few sizes per batch shape (not one per count), so the compiled step rarely re-traces
+        for share in GATHER_SHARES:
+            k = int(weights.size * share)
+            if len(flat) <= k:
+                batch.positions = np.concatenate([flat, np.zeros(k - len(flat), np.int32)])
+                batch.n_positions = len(flat)
+                break
         return batch

@@ -73,8 +73,11 @@ class TrainResult:
 # ---------------------------------------------------------------- setup helpers
 
 
-def _start_point(settings: TrainSettings, reporter: Reporter) -> Path | None:
-    """Check --adapter-path against --resume/--resume-from/--overwrite; return the checkpoint to resume."""
+def _start_point(settings: TrainSettings, reporter: Reporter) -> tuple[Path | None, bool]:
+    """Check --adapter-path against --resume/--resume-from/--overwrite.
+
+    Returns the checkpoint to resume (or None) and whether the directory's old contents must be cleared.
+    """
     out = settings.adapter_path
     if out.exists() and not out.is_dir():
         raise UserError(f"--adapter-path {out}: exists and is not a directory")
@@ -82,7 +85,7 @@ def _start_point(settings: TrainSettings, reporter: Reporter) -> Path | None:
         problem = ckpt.problem(settings.resume_from) if settings.resume_from.is_dir() else "not a directory"
         if problem:
             raise UserError(f"--resume-from {settings.resume_from}: {problem}")
-        return settings.resume_from
+        return settings.resume_from, False
     has_files = out.is_dir() and any(out.iterdir())
     if settings.resume:
         found = ckpt.latest_valid(out, reporter)
@@ -91,14 +94,16 @@ def _start_point(settings: TrainSettings, reporter: Reporter) -> Path | None:
                             "pass --overwrite to start over")
         if found is None:
             reporter.log(f"--resume: nothing to resume in {out}; starting a new run")
-        return found
+        return found, False
     if has_files and not settings.overwrite:
         raise UserError(f"--adapter-path {out}: directory is not empty; pass --resume to continue its run, "
                         "--overwrite to start over, or choose another --adapter-path")
-    if has_files:
-        for child in out.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-    return None
+    return None, has_files
+
+
+def _clear(directory: Path) -> None:
+    for child in directory.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
 def _schedule(settings: TrainSettings, total_steps: int):
@@ -242,11 +247,7 @@ class _Metrics:
 def run(settings: TrainSettings, reporter: Reporter) -> TrainResult:
     wall_start = time.perf_counter()
     out = settings.adapter_path
-    resume_ckpt = _start_point(settings, reporter)
-    out.mkdir(parents=True, exist_ok=True)
-    save_settings(settings.model_copy(update={"resume": False, "overwrite": False, "resume_from": None}),
-                  out / SETTINGS_FILE)
-
+    resume_ckpt, clear = _start_point(settings, reporter)
     split_path(settings.data, "train")  # fail on a wrong --data before the (slow) model load
     loaded = load_model(settings, reporter)
     model = loaded.model
@@ -298,6 +299,12 @@ def run(settings: TrainSettings, reporter: Reporter) -> TrainResult:
             reporter.warn(f"checkpoint step {state['step']} already reaches the {total_steps} steps asked for; "
                           "raise --iters or --epochs to train further")
 
+    # Everything checked: only now touch --adapter-path (a bad flag or data file leaves it as it was).
+    if clear:
+        _clear(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_settings(settings.model_copy(update={"resume": False, "overwrite": False, "resume_from": None}),
+                  out / SETTINGS_FILE)
     trainable, total = _param_counts(model)
     scale = settings.lora_scale
     reporter.table("lorakit train", [
