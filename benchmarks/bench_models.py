@@ -49,7 +49,7 @@ class BenchModel:
     path: Path | None  # a model directory when there is one (tiny fixture, given path)
 
 
-def build(name: str, dtype: str, seed: int = 0) -> BenchModel:
+def build(name: str, dtype: str, seed: int = 0, scratch: Path | None = None) -> BenchModel:
     """Load or build the model `name` in `dtype` (same weights in every process for a given seed)."""
     import lorakit.engine  # noqa: F401  (OpenBLAS before mlx, unless LORAKIT_NO_OPENBLAS=1)
     import mlx.core as mx
@@ -67,7 +67,7 @@ def build(name: str, dtype: str, seed: int = 0) -> BenchModel:
     if name == "tiny":
         from lorakit.testing import tiny_model_dir
 
-        path = tiny_model_dir(Path(tempfile.mkdtemp(prefix="lorakit-bench-")) / "tiny", seed=seed)
+        path = tiny_model_dir(Path(scratch or tempfile.mkdtemp(prefix="lorakit-bench-")) / "tiny", seed=seed)
     else:
         path = Path(name)
     from lorakit.engine.models import load_model

@@ -84,6 +84,8 @@ def _summarise(raw: dict, peak_tflops: float | None) -> dict:
         "blas": raw["blas"],
         "cpu_matmul_gflops": raw["cpu_matmul_gflops"],
         "wall_s": raw.get("wall_s"),
+        "step_times": [round(t, 4) for t in raw["step_times"]],  # warm-up steps included
+        "step_tokens": raw["step_tokens"],
     }
     if peak_tflops:
         row["mfu"] = round(tok_s * raw["flops_per_trained_token"] / (peak_tflops * 1e12), 4)

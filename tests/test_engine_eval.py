@@ -289,6 +289,8 @@ def test_bad_input(tiny_model, judge_data, qa_data, tmp_path):
     with pytest.raises(UserError, match="--judge-template"):
         ev.run(_settings(tiny_model, judge_data, tmp_path / "o", judge=True, judge_template=str(tmp_path / "nope")),
                Reporter())
+    with pytest.raises(UserError, match="--adapter-path .*not found"):
+        ev.run(_settings(tiny_model, judge_data, tmp_path / "o", adapter_path=tmp_path / "none"), Reporter())
     text = _write(tmp_path / "text" / "test.jsonl", [{"text": "just text"}]).parent
     with pytest.raises(UserError, match="plain 'text' records have no reference"):
         ev.run(_settings(tiny_model, text, tmp_path / "o", generate=True), Reporter())

@@ -41,8 +41,8 @@ def write_data(path, train_rows, valid_rows=None):
 
 
 def settings(model, data, out, **kw):
-    base = dict(model=str(model), data=data, adapter_path=out, batch_size=4, iters=4, learning_rate=1e-3,
-                steps_per_report=2, steps_per_eval=2, save_every=2, quiet=True)
+    base = {"model": str(model), "data": data, "adapter_path": out, "batch_size": 4, "iters": 4,
+            "learning_rate": 1e-3, "steps_per_report": 2, "steps_per_eval": 2, "save_every": 2, "quiet": True}
     return TrainSettings(**{**base, **kw})
 
 
@@ -70,7 +70,7 @@ def test_lora_run_writes_every_artifact(tiny_model, data, tmp_path):
     assert "<svg" in (out / "loss.svg").read_text() and "best" in (out / "loss.svg").read_text()
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["fine_tune_type"] == "lora" and cfg["lora_parameters"]["scale"] == 2.0
-    assert [e for e in rec.events if e[0] == "eval"][0][1]["iteration"] == 0
+    assert next(e for e in rec.events if e[0] == "eval")[1]["iteration"] == 0
     with pytest.raises(UserError, match="not empty; pass --resume"):
         train.run(settings(tiny_model, data, out), RecordingReporter())
 

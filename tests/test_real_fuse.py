@@ -33,8 +33,8 @@ def test_train_fuse_generate(real_model_gguf, tmp_path):
     data, adapter, fused, gguf_file = tmp_path / "data", tmp_path / "adapter", tmp_path / "fused", tmp_path / "f.gguf"
     lorakit("prepare", SAMPLE_CHATS, "--out", data, "--quiet")
     lorakit("train", "--model", real_model_gguf, "--data", data, "--adapter-path", adapter, "--dtype", "float32",
-            "--iters", 8, "--batch-size", 2, "--max-seq-length", 256, "--learning-rate", 2e-4, "--steps-per-eval", 8,
-            "--val-batches", 2, "--save-every", 8, "--quiet")
+            "--iters", 4, "--batch-size", 2, "--max-seq-length", 256, "--learning-rate", 2e-4, "--steps-per-eval", 4,
+            "--val-batches", 1, "--save-every", 4, "--quiet")
 
     result = json.loads(lorakit("fuse", "--model", real_model_gguf, "--adapter-path", adapter, "--out", fused,
                                 "--dtype", "float32", "--export-gguf", gguf_file, "--json").stdout)

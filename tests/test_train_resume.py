@@ -27,9 +27,10 @@ def data(tmp_path_factory):
 
 def settings(model, data, out, **kw):
     # dropout makes the run depend on the RNG state; 2 batches per epoch, so 6 steps cross epochs
-    base = dict(model=str(model), data=data, adapter_path=out, batch_size=4, iters=6, learning_rate=1e-3,
-                lora_dropout=0.1, steps_per_report=1, steps_per_eval=3, save_every=1, keep_last=2,
-                warmup=2, quiet=True)  # constant after warmup: a 3-step run is a prefix of a 6-step one
+    # constant LR after warmup, so a 3-step run is a prefix of a 6-step one
+    base = {"model": str(model), "data": data, "adapter_path": out, "batch_size": 4, "iters": 6,
+            "learning_rate": 1e-3, "lora_dropout": 0.1, "steps_per_report": 1, "steps_per_eval": 3,
+            "save_every": 1, "keep_last": 2, "warmup": 2, "quiet": True}
     return TrainSettings(**{**base, **kw})
 
 

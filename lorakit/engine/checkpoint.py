@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
+from mlx import nn
 from mlx.utils import tree_flatten
 
 from lorakit.engine.adapters import ADAPTER_FILE, save_adapter

@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -194,7 +195,7 @@ class _Renderer:
                             "render the data with `lorakit prepare --format text --template NAME`")
         try:
             full = self.render(messages, tools, generation_prompt=False)
-        except Exception as e:  # jinja raises anything (e.g. templates that require alternating roles)
+        except Exception as e:  # noqa: BLE001  (jinja raises anything, e.g. on roles that do not alternate)
             raise UserError(f"{where}: the chat template cannot render this conversation: {e}") from None
         tokens, offsets = _encode_with_offsets(self.tokenizer, full)
         if self.train_on == "all":
@@ -275,15 +276,14 @@ def _save_cache(file: Path, split: Split) -> None:
     from lorakit.io import atomic_path
 
     lengths = np.array([e.length for e in split.examples], dtype=np.int64)
-    with atomic_path(file) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, lengths=lengths,
-                     tokens=np.concatenate([e.tokens for e in split.examples]) if split.examples else
-                     np.zeros(0, np.int32),
-                     mask=np.concatenate([e.mask for e in split.examples]) if split.examples else
-                     np.zeros(0, bool),
-                     info=np.array(json.dumps({"format": split.format, "train_on": split.train_on,
-                                               "truncated": split.truncated, "dropped": split.dropped})))
+    with atomic_path(file) as tmp, open(tmp, "wb") as f:
+        np.savez(f, lengths=lengths,
+                 tokens=np.concatenate([e.tokens for e in split.examples]) if split.examples else
+                 np.zeros(0, np.int32),
+                 mask=np.concatenate([e.mask for e in split.examples]) if split.examples else
+                 np.zeros(0, bool),
+                 info=np.array(json.dumps({"format": split.format, "train_on": split.train_on,
+                                           "truncated": split.truncated, "dropped": split.dropped})))
 
 
 def _load_cache(file: Path, path: Path) -> Split | None:
@@ -294,7 +294,7 @@ def _load_cache(file: Path, path: Path) -> Split | None:
             tokens, mask = z["tokens"], z["mask"]
     except (OSError, ValueError, KeyError):
         return None  # a damaged cache entry is rebuilt
-    examples = [Example(tokens[a:b], mask[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    examples = [Example(tokens[a:b], mask[a:b]) for a, b in pairwise(bounds)]
     return Split(path, info["format"], info["train_on"], examples, info["truncated"], info["dropped"])
 
 

@@ -144,7 +144,8 @@ def read_records(settings: EvalSettings, path: Path, reporter: Reporter) -> tupl
             rec.judge = judge_item(rec.raw, rec.line, path)
     if extractor is not None:
         labelled = sum(r.reference_label is not None for r in records)
-        how = f"--label-pattern {settings.label_pattern!r}" if settings.label_pattern else f"--labels {','.join(settings.labels)}"
+        how = (f"--label-pattern {settings.label_pattern!r}" if settings.label_pattern
+               else f"--labels {','.join(settings.labels)}")
         if labelled == 0:
             sample = (records[0].reference or "")[:120]
             raise UserError(f"{how}: found no label in any reference of {path} (e.g. line {records[0].line}: "
@@ -155,11 +156,11 @@ def read_records(settings: EvalSettings, path: Path, reporter: Reporter) -> tupl
     return records, len(rows)
 
 
-def adapter_identity(settings: EvalSettings, loaded: LoadedModel, reporter: Reporter) -> dict[str, Any] | None:
+def adapter_identity(settings: EvalSettings, directory: Path | None, loaded: LoadedModel,
+                     reporter: Reporter) -> dict[str, Any] | None:
     """Check the adapter fits the base (exit 2 if not) before anything is evaluated; describe it."""
-    if settings.adapter_path is None:
+    if directory is None:
         return None
-    directory = resolve_adapter_dir(settings.adapter_path)
     config = read_adapter_config(directory)
     check_base(config, loaded, directory, reporter)
     return {
@@ -390,9 +391,10 @@ def run(settings: EvalSettings, reporter: Reporter) -> EvalResult:
     out = ensure_new_dir(out_dir(settings), settings.overwrite)
     template = JudgePrompt(settings.judge_template) if settings.judge else None
     records, n_rows = read_records(settings, path, reporter)
+    adapter_dir = resolve_adapter_dir(settings.adapter_path) if settings.adapter_path is not None else None
 
     loaded = load_model(settings, reporter)
-    adapter = adapter_identity(settings, loaded, reporter)
+    adapter = adapter_identity(settings, adapter_dir, loaded, reporter)
     examples = loss_examples(settings, loaded, records, n_rows, reporter)
     if settings.adapter_path is not None:
         load_adapter(loaded, settings.adapter_path, reporter)

@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
+from mlx import nn
 from mlx.utils import tree_flatten, tree_map
 
 from lorakit.engine import checkpoint as ckpt
-from lorakit.engine.adapters import ADAPTER_FILE, CONFIG_FILE, adapter_config, apply_adapters, save_adapter
+from lorakit.engine.adapters import ADAPTER_FILE, adapter_config, apply_adapters, save_adapter
 from lorakit.engine.batching import BatchPlan
 from lorakit.engine.data import Split, load_split, split_path
 from lorakit.engine.loss_curve import write_loss_curve
@@ -110,7 +110,7 @@ def _schedule(settings: TrainSettings, total_steps: int):
     """Learning rate for the update made at optimizer step `step` (0-based): warmup, then the schedule."""
     peak, floor = settings.learning_rate, settings.learning_rate * settings.min_lr_ratio
     warmup = settings.warmup if settings.warmup >= 1 else settings.warmup * total_steps
-    warmup = min(int(round(warmup)), max(total_steps - 1, 0))
+    warmup = min(round(warmup), max(total_steps - 1, 0))
     decay_steps = max(total_steps - warmup, 1)
 
     def lr(step: mx.array) -> mx.array:
@@ -195,8 +195,8 @@ def _deferred_interrupts(flag: dict):
 
 
 def _oom_error(e: BaseException, settings: TrainSettings, step: int) -> RunError:
-    hints = [f"--batch-size {max(1, settings.batch_size // 2)} --grad-accumulation-steps "
-             f"{settings.grad_accumulation_steps * 2} (same effective batch)"]
+    hints = [(f"--batch-size {max(1, settings.batch_size // 2)} --grad-accumulation-steps "
+              f"{settings.grad_accumulation_steps * 2} (same effective batch)")]
     if not settings.grad_checkpoint:
         hints.append("--grad-checkpoint")
     hints.append(f"--max-seq-length {max(2, settings.max_seq_length // 2)}")
@@ -313,15 +313,15 @@ def run(settings: TrainSettings, reporter: Reporter) -> TrainResult:
          f"{settings.fine_tune_type} rank {settings.lora_rank}, alpha {settings.lora_alpha:g}, scale {scale:g}, "
          f"{len(lora_parameters.get('keys', []))} module kinds"),
         ("trainable", f"{trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)"),
-        ("train data", f"{len(train_set.examples)} examples ({train_set.format}, --train-on {train_set.train_on}), "
-                       f"{train_set.tokens:,} tokens, {train_set.loss_tokens:,} trained"),
+        ("train data", (f"{len(train_set.examples)} examples ({train_set.format}, --train-on "
+                        f"{train_set.train_on}), {train_set.tokens:,} tokens, {train_set.loss_tokens:,} trained")),
         ("valid data", f"{len(valid_set.examples)} examples, {len(val_batches)} batches per eval"
          if valid_set else "none"),
-        ("batches", f"{settings.batch_size} x {settings.grad_accumulation_steps} accumulation = "
-                    f"{settings.batch_size * settings.grad_accumulation_steps} effective"
-                    f"{', packed' if settings.pack else ''}; {micro_per_epoch} per epoch"),
-        ("steps", f"{total_steps} ({total_steps / steps_per_epoch:.2f} epochs), lr {settings.learning_rate:g} "
-                  f"{settings.lr_schedule}, {settings.optimizer}"),
+        ("batches", (f"{settings.batch_size} x {settings.grad_accumulation_steps} accumulation = "
+                     f"{settings.batch_size * settings.grad_accumulation_steps} effective"
+                     f"{', packed' if settings.pack else ''}; {micro_per_epoch} per epoch")),
+        ("steps", (f"{total_steps} ({total_steps / steps_per_epoch:.2f} epochs), lr {settings.learning_rate:g} "
+                   f"{settings.lr_schedule}, {settings.optimizer}")),
     ])
     return _train(settings, reporter, loaded, model, head, cfg, plan, val_batches, optimizer, state,
                   total_steps, steps_per_epoch, resume_ckpt, wall_start,
@@ -527,8 +527,8 @@ def _train(settings, reporter, loaded, model, head, cfg, plan, val_batches, opti
     write_json(out / REPORT, asdict(result))
     reporter.table("training summary", [
         ("steps", f"{result.steps} ({result.epochs:g} epochs){' - stopped early' if stopped_early else ''}"),
-        ("val loss", f"{_fmt(result.initial_val_loss)} -> {_fmt(result.final_val_loss)} "
-                     f"(best {_fmt(result.best_val_loss)} at step {result.best_step})"),
+        ("val loss", (f"{_fmt(result.initial_val_loss)} -> {_fmt(result.final_val_loss)} "
+                      f"(best {_fmt(result.best_val_loss)} at step {result.best_step})")),
         ("train loss", _fmt(result.final_train_loss)),
         ("tokens", f"{result.trained_tokens:,} trained, {result.tokens_per_second:,.1f}/s overall"),
         ("peak memory", f"{result.peak_memory_gb:.3f} GB"),
