@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 from lorakit.cli.common import ConfigOpt, DebugOpt, JsonOpt, QuietOpt, opt, run_command
 from lorakit.settings import FuseSettings as S
@@ -29,20 +29,20 @@ def _render(result: Any, settings: Any) -> None:
 
 
 def command(
-    model: Annotated[Optional[str], opt(S, "model", "--model", "-m")] = None,
-    adapter_path: Annotated[Optional[Path], opt(S, "adapter_path")] = None,
-    out: Annotated[Optional[Path], opt(S, "out", "--out", "-o")] = None,
-    dtype: Annotated[Optional[str], opt(S, "dtype")] = None,
-    requantize: Annotated[Optional[int], opt(S, "requantize")] = None,
-    q_group_size: Annotated[Optional[int], opt(S, "q_group_size")] = None,
-    export_gguf: Annotated[Optional[Path], opt(S, "export_gguf")] = None,
-    gguf_type: Annotated[Optional[str], opt(S, "gguf_type")] = None,
-    verify: Annotated[Optional[bool], opt(S, "verify")] = None,
-    verify_tolerance: Annotated[Optional[float], opt(S, "verify_tolerance")] = None,
-    overwrite: Annotated[Optional[bool], opt(S, "overwrite", "--overwrite")] = None,
-    quantize: Annotated[Optional[int], opt(S, "quantize")] = None,
-    revision: Annotated[Optional[str], opt(S, "revision")] = None,
-    trust_remote_code: Annotated[Optional[bool], opt(S, "trust_remote_code", "--trust-remote-code")] = None,
+    model: Annotated[str | None, opt(S, "model", "--model", "-m")] = None,
+    adapter_path: Annotated[Path | None, opt(S, "adapter_path")] = None,
+    out: Annotated[Path | None, opt(S, "out", "--out", "-o")] = None,
+    dtype: Annotated[str | None, opt(S, "dtype")] = None,
+    requantize: Annotated[int | None, opt(S, "requantize")] = None,
+    q_group_size: Annotated[int | None, opt(S, "q_group_size")] = None,
+    export_gguf: Annotated[Path | None, opt(S, "export_gguf")] = None,
+    gguf_type: Annotated[str | None, opt(S, "gguf_type")] = None,
+    verify: Annotated[bool | None, opt(S, "verify")] = None,
+    verify_tolerance: Annotated[float | None, opt(S, "verify_tolerance")] = None,
+    overwrite: Annotated[bool | None, opt(S, "overwrite", "--overwrite")] = None,
+    quantize: Annotated[int | None, opt(S, "quantize")] = None,
+    revision: Annotated[str | None, opt(S, "revision")] = None,
+    trust_remote_code: Annotated[bool | None, opt(S, "trust_remote_code", "--trust-remote-code")] = None,
     config: ConfigOpt = None,
     json_output: JsonOpt = None,
     quiet: QuietOpt = None,
