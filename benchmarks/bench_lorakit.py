@@ -12,9 +12,8 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 import bench_data
+import numpy as np
 from bench_models import BenchModel
 
 
@@ -59,12 +58,14 @@ def train(bm: BenchModel, examples: list[bench_data.Example], spec: dict) -> dic
             tokens.append(info["trained_tokens"])
             losses.append(info["train_loss"])
 
-    fields = dict(model=bm.name, data=data_dir, adapter_path=scratch / "lorakit-adapters", lora_rank=spec["rank"],
-                  lora_alpha=spec["rank"] * spec["scale"], optimizer="adam", learning_rate=spec["lr"],
-                  batch_size=spec["batch_size"], max_seq_length=spec["max_len"],
-                  iters=spec["warmup"] + spec["steps"], steps_per_report=1, steps_per_eval=10**9,
-                  save_every=10**9, seed=spec["seed"], grad_checkpoint=spec.get("grad_checkpoint", False),
-                  target_modules=["all-linear"], quiet=True)
+    fields = {
+        "model": bm.name, "data": data_dir, "adapter_path": scratch / "lorakit-adapters", "quiet": True,
+        "lora_rank": spec["rank"], "lora_alpha": spec["rank"] * spec["scale"], "target_modules": ["all-linear"],
+        "optimizer": "adam", "learning_rate": spec["lr"], "batch_size": spec["batch_size"],
+        "max_seq_length": spec["max_len"], "iters": spec["warmup"] + spec["steps"], "seed": spec["seed"],
+        "steps_per_report": 1, "steps_per_eval": 10**9, "save_every": 10**9,
+        "grad_checkpoint": spec.get("grad_checkpoint", False),
+    }
     fields.update(spec.get("lorakit_opts", {}))
     settings = TrainSettings(**fields)
     mx.reset_peak_memory()

@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any
 
-from bench_data import Example, loss_tokens
+from bench_data import Example
 
 
 class _Records:

@@ -51,8 +51,9 @@ class BenchModel:
 
 def build(name: str, dtype: str, seed: int = 0, scratch: Path | None = None) -> BenchModel:
     """Load or build the model `name` in `dtype` (same weights in every process for a given seed)."""
-    import lorakit.engine  # noqa: F401  (OpenBLAS before mlx, unless LORAKIT_NO_OPENBLAS=1)
     import mlx.core as mx
+
+    import lorakit.engine  # noqa: F401  (OpenBLAS before mlx, unless LORAKIT_NO_OPENBLAS=1)
 
     if name in SHAPES:
         import importlib
@@ -89,7 +90,7 @@ def linear_counts(model: Any) -> tuple[int, int, int]:
 
     Counted from the actual modules before LoRA is applied, so tied heads and GQA shapes are handled.
     """
-    import mlx.nn as nn
+    from mlx import nn
 
     body = 0
     lora_io = 0
@@ -110,7 +111,7 @@ def linear_counts(model: Any) -> tuple[int, int, int]:
 
 
 def _in_dim(layer: Any) -> int:
-    import mlx.nn as nn
+    from mlx import nn
 
     if isinstance(layer, nn.QuantizedLinear):
         return layer.weight.shape[1] * 32 // layer.bits

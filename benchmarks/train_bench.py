@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -35,7 +35,8 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 def _gpu_name() -> str | None:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], check=False,
+                             capture_output=True,
                              text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -57,7 +58,7 @@ def _run_worker(trainer: str, spec: dict, scratch: Path) -> dict:
     if trainer == "mlx-lm-ref":
         env["LORAKIT_NO_OPENBLAS"] = "1"
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(HERE / "bench_worker.py"), json.dumps(spec)], env=env,
+    proc = subprocess.run([sys.executable, str(HERE / "bench_worker.py"), json.dumps(spec)], check=False, env=env,
                           stdout=sys.stderr, stderr=sys.stderr)
     if proc.returncode != 0:
         return {"trainer": trainer, "error": f"worker exited with {proc.returncode}"}
@@ -133,7 +134,7 @@ def _render(report: dict) -> None:
 def main(
     model: Annotated[str, typer.Option(help="tiny, a model dir / .gguf, or a shape: smollm2-135m, qwen2.5-0.5b, "
                                             "llama-3.2-1b, llama-3.2-3b (random weights).")] = "tiny",
-    dtype: Annotated[Optional[str], typer.Option(help="bfloat16/float16/float32 (default: bf16 on GPU, "
+    dtype: Annotated[str | None, typer.Option(help="bfloat16/float16/float32 (default: bf16 on GPU, "
                                                       "fp32 on CPU).")] = None,
     data: Annotated[str, typer.Option(help="uniform (~1000-token chats) or longtail (50-2000 tokens).")] = "uniform",
     mask_prompt: Annotated[bool, typer.Option(help="Train on completions only.")] = False,
@@ -142,16 +143,16 @@ def main(
     length_scale: Annotated[float, typer.Option(help="Multiply example lengths (e.g. 0.25 for CPU).")] = 1.0,
     steps: Annotated[int, typer.Option(help="Timed steps.")] = 40,
     warmup: Annotated[int, typer.Option(help="Warm-up steps (not timed).")] = 3,
-    ref_steps: Annotated[Optional[int], typer.Option(help="Timed steps for mlx-lm-ref (slow).")] = None,
+    ref_steps: Annotated[int | None, typer.Option(help="Timed steps for mlx-lm-ref (slow).")] = None,
     trainers: Annotated[str, typer.Option(help="Comma list of lorakit, mlx-lm, mlx-lm-ref "
                                                "(default: all three on CPU, first two on GPU).")] = "",
     lorakit_opt: Annotated[list[str], typer.Option(help="Extra lorakit TrainSettings as key=value "
                                                         "(e.g. pack=true); repeatable.")] = [],  # noqa: B006
     grad_checkpoint: Annotated[bool, typer.Option(help="Gradient checkpointing in both trainers.")] = False,
-    peak_tflops: Annotated[Optional[float], typer.Option(help="Device peak for MFU (default from GPU name).")] = None,
+    peak_tflops: Annotated[float | None, typer.Option(help="Device peak for MFU (default from GPU name).")] = None,
     seed: Annotated[int, typer.Option(help="Data and weight seed.")] = 0,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
-    out: Annotated[Optional[Path], typer.Option(help="Also write the JSON report here.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Also write the JSON report here.")] = None,
 ) -> None:
     """Benchmark lorakit's trainer against mlx-lm's on one configuration."""
     gpu = _gpu_name()

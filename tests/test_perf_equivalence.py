@@ -7,13 +7,13 @@ model(inputs), plain masked cross-entropy, autodiff.
 
 import json
 
-import lorakit.engine  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx import nn
 from mlx.utils import tree_flatten
 
+import lorakit.engine  # noqa: F401  (OpenBLAS before mlx)
 from lorakit.engine import losses
 from lorakit.engine import train as train_engine
 from lorakit.engine.batching import BatchPlan
