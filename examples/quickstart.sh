@@ -8,7 +8,7 @@
 # Every step uses --json and exit codes the way a user's script would.
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
+source "$(dirname "$0")/_common.sh"
 OUT=${QUICKSTART_OUT:-runs/quickstart}
 ITERS=${QUICKSTART_ITERS:-200}
 mkdir -p "$OUT"
@@ -16,9 +16,8 @@ elapsed() { echo $(( $(date +%s) - $1 ))s; }
 t0=$(date +%s)
 
 echo "== model" >&2
-MODEL=${QUICKSTART_MODEL:-$(python3 -m lorakit.realmodel -q)}
-# A float32 base: MLX's 4-bit matmuls are slow on CPU (on a Mac, drop --dtype to train on the 4-bit base: QLoRA).
-BASE=(--model "$MODEL" --dtype float32)
+MODEL=${QUICKSTART_MODEL:-$(default_model)}
+read -r -a BASE <<<"$(base_flags "$MODEL")"  # float32 base on Linux CPU, the model's own weights on a Mac
 
 echo "== prepare: sample_data/support.jsonl -> $OUT/data" >&2
 t=$(date +%s)
@@ -48,9 +47,9 @@ for p in "${PROMPTS[@]}"; do
 done
 T_GENERATE=$(elapsed "$t")
 
-echo "== fuse: adapter merged into a float32 model" >&2
+echo "== fuse: adapter merged into the base" >&2
 t=$(date +%s)
-lorakit fuse --model "$MODEL" --adapter-path "$OUT/adapter" --out "$OUT/fused" --dtype float32 --overwrite \
+lorakit fuse "${BASE[@]}" --adapter-path "$OUT/adapter" --out "$OUT/fused" --overwrite \
   --json >"$OUT/fuse.json"
 lorakit generate --model "$OUT/fused" --prompt "${PROMPTS[0]}" --max-tokens 80 --json >"$OUT/generate_fused.json"
 T_FUSE=$(elapsed "$t")

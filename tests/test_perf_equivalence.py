@@ -142,3 +142,19 @@ def test_mixed_precision_lora_branch_matches_mlx_lm_layer():
             assert mx.array_equal(got, expected)  # float32 runs: bit for bit the same
         else:
             assert mx.allclose(got.astype(mx.float32), expected.astype(mx.float32), atol=0.05, rtol=0.02)
+
+
+def test_trainable_head_gets_the_same_gradient(tiny_model, monkeypatch):
+    """Full fine-tuning trains the (tied) head, so the chunks go through autodiff instead of the fused vjp."""
+    from mlx_lm.utils import load_model
+
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 384 * 50)
+    model, _ = load_model(tiny_model)
+    model.unfreeze()
+    model.train()
+    arrays = BatchPlan(_examples(4, masked=True), batch_size=4, max_seq_length=256, seed=0).build(0).to_mx()
+    (l_ref, _), g_ref = nn.value_and_grad(model, losses.batch_loss)(model, arrays, None)
+    (l_opt, _), g_opt = nn.value_and_grad(model, losses.batch_loss)(model, arrays, "tied")
+    assert l_opt.item() == pytest.approx(l_ref.item(), rel=1e-5)
+    emb_ref, emb_opt = g_ref["model"]["embed_tokens"]["weight"], g_opt["model"]["embed_tokens"]["weight"]
+    assert mx.abs(emb_ref - emb_opt).max().item() <= 1e-4 * mx.abs(emb_ref).max().item()

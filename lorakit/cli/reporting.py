@@ -100,7 +100,7 @@ class RichReporter(Reporter):
         self.log(f"[cyan]eval[/] {line}")
 
     def on_save(self, path: str, step: int) -> None:
-        self.log(f"saved {path} (step {step})")
+        self.log(f"saved {path}" + (f" (step {step})" if step else ""))
 
     def on_token(self, text: str) -> None:
         # Generated text is the result, so it goes to stdout (even with --quiet), flushed as it comes.

@@ -51,6 +51,7 @@ def command(
     quantize: Annotated[int | None, opt(S, "quantize")] = None,
     q_group_size: Annotated[int | None, opt(S, "q_group_size")] = None,
     dtype: Annotated[str | None, opt(S, "dtype")] = None,
+    dist_timeout: Annotated[float | None, opt(S, "dist_timeout")] = None,
     config: ConfigOpt = None,
     json_output: JsonOpt = None,
     quiet: QuietOpt = None,

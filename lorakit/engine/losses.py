@@ -9,22 +9,80 @@ its logits). `loss_head(model)` picks it once and checks numerically that head(m
 model(x) (models that scale or soft-cap logits after the head fall back to None). With a head, only the
 loss-bearing positions (`batch["positions"]`, see lorakit.engine.batching) go through the vocabulary
 projection, which saves most of its time and memory when prompts are masked.
+
+With a head the projection also runs in chunks of CHUNK_ELEMENTS logits, so B x T x V float32 logits never
+exist at once. In training (frozen head) each chunk computes its loss and, right away, the gradient with
+respect to its hidden states (softmax - one-hot, projected back), and a custom vjp hands that gradient
+on: no logits are kept for the backward pass and none are recomputed.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import mlx.core as mx
 from mlx import nn
+from mlx.utils import tree_flatten
 
 from lorakit.engine.batching import PackedMask
+
+CHUNK_ELEMENTS = 2**26  # logits per vocabulary-projection chunk (256 MB in float32)
 
 
 def _project(model: nn.Module, hidden: mx.array, head: str) -> mx.array:
     if head == "lm_head":
         return model.lm_head(hidden)
     return model.model.embed_tokens.as_linear(hidden)
+
+
+def _head_module(model: nn.Module, head: str) -> nn.Module:
+    return model.lm_head if head == "lm_head" else model.model.embed_tokens
+
+
+def _token_losses(logits: mx.array, targets: mx.array, weights: mx.array) -> tuple[mx.array, mx.array]:
+    lse = mx.logsumexp(logits, axis=-1, keepdims=True)
+    picked = mx.take_along_axis(logits, targets[:, None], axis=-1)
+    return (lse - picked)[:, 0] * weights, lse
+
+
+def chunked_cross_entropy(project, hidden: mx.array, targets: mx.array, weights: mx.array, vocab_size: int,
+                          fused_grad: bool) -> mx.array:
+    """Sum of weighted cross-entropy of project(hidden) (N x D hidden, N targets), chunk by chunk.
+
+    fused_grad: compute d(loss)/d(hidden) inside each chunk (valid only when `project` has no trainable
+    weights); otherwise autodiff differentiates the chunks as usual.
+    """
+    n = hidden.shape[0]
+    size = max(64, CHUNK_ELEMENTS // vocab_size)
+    chunks = [(s, min(s + size, n)) for s in range(0, n, size)]
+    if not fused_grad:
+        total = mx.array(0.0)
+        for a, b in chunks:
+            loss, _ = _token_losses(project(hidden[a:b]).astype(mx.float32), targets[a:b], weights[a:b])
+            total = total + loss.sum()
+        return total
+
+    @mx.custom_function
+    def loss_and_grad(h):
+        parts = []
+        for a, b in chunks:
+            hc, t, w = h[a:b], targets[a:b], weights[a:b]
+            logits = project(hc).astype(mx.float32)
+            loss, lse = _token_losses(logits, t, w)
+            dlogits = (mx.exp(logits - lse) - (mx.arange(vocab_size) == t[:, None])) * w[:, None]
+            dh = mx.vjp(project, [hc], [dlogits.astype(hc.dtype)])[1][0]
+            # one array per chunk holding its gradient and losses: evaluation finishes a chunk (and frees
+            # its logits) before it starts the next
+            parts.append(mx.concatenate([dh.astype(mx.float32), loss[:, None]], axis=1))
+        out = mx.concatenate(parts) if len(parts) > 1 else parts[0]
+        return out[:, -1].sum(), out[:, :-1].astype(h.dtype)
+
+    @loss_and_grad.vjp
+    def _(primals, cotangents, outputs):
+        return (outputs[1] * cotangents[0].astype(outputs[1].dtype),)
+
+    return loss_and_grad(hidden)[0]
 
 
 def loss_head(model: nn.Module) -> str | None:
@@ -63,10 +121,15 @@ def batch_loss(model: nn.Module, batch: dict[str, Any], head: str | None = None)
         logits = model(inputs, cache=cache)
         if positions is not None:
             logits = logits.reshape(-1, logits.shape[-1])[positions]
-    else:
-        hidden = model.model(inputs, cache=cache)
-        if positions is not None:
-            hidden = hidden.reshape(-1, hidden.shape[-1])[positions]
-        logits = _project(model, hidden, head)
-    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets) * weights
-    return ce.sum(), weights.sum()
+        ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets) * weights
+        return ce.sum(), weights.sum()
+    hidden = model.model(inputs, cache=cache)
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    if positions is not None:
+        hidden = hidden[positions]
+    module = _head_module(model, head)
+    vocab_size = module.weight.shape[0]
+    frozen = not tree_flatten(module.trainable_parameters())
+    loss = chunked_cross_entropy(partial(_project, model, head=head), hidden, targets.reshape(-1),
+                                 weights.reshape(-1), vocab_size, fused_grad=model.training and frozen)
+    return loss, weights.sum()

@@ -23,8 +23,10 @@ import mlx.core as mx
 import mlx.optimizers as optim
 from mlx import nn
 from mlx.utils import tree_flatten, tree_map
+from mlx_lm.tuner.lora import LoRALinear
 
 from lorakit.engine import checkpoint as ckpt
+from lorakit.engine import distributed as dist
 from lorakit.engine.adapters import ADAPTER_FILE, adapter_config, apply_adapters, save_adapter
 from lorakit.engine.batching import BatchPlan
 from lorakit.engine.data import Split, load_split, split_path
@@ -68,6 +70,7 @@ class TrainResult:
     metrics_file: str
     loss_curve: str
     report_file: str
+    world_size: int = 1  # processes under mlx.launch (data-parallel ranks)
 
 
 # ---------------------------------------------------------------- setup helpers
@@ -158,6 +161,24 @@ def use_grad_checkpoint(model: nn.Module) -> None:
         block.__class__ = subclasses[cls]
 
 
+class _MixedPrecisionLoRA(LoRALinear):
+    """LoRALinear whose branch computes in the input's dtype; the adapter weights stay float32 (Adam's
+    small updates need that). mlx-lm's version multiplies bf16/fp16 inputs by float32 weights, which
+    makes (and keeps for the backward pass) a float32 copy of every adapted layer's input."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.linear(x)
+        z = (self.dropout(x) @ self.lora_a.astype(x.dtype)) @ self.lora_b.astype(x.dtype)
+        return y + (self.scale * z).astype(x.dtype)
+
+
+def use_mixed_precision_lora(model: nn.Module) -> None:
+    """Switch the LoRA layers to _MixedPrecisionLoRA (same parameters, same saved adapters)."""
+    for _, module in model.named_modules():
+        if type(module) is LoRALinear:
+            module.__class__ = _MixedPrecisionLoRA
+
+
 def _param_counts(model: nn.Module) -> tuple[int, int]:
     from mlx_lm.utils import get_total_parameters
 
@@ -170,8 +191,11 @@ def _global_norm(grad: Any) -> mx.array:
 
 
 def _reduce(grad: Any, ntoks: mx.array) -> tuple[Any, mx.array]:
-    """Combine gradient sums across data-parallel workers (one worker today: nothing to do)."""
-    return grad, ntoks
+    """Combine gradient sums across data-parallel ranks: mean gradient over mean token count = sum over sum."""
+    w = dist.world()
+    if not w.is_distributed:
+        return grad, ntoks
+    return w.average_gradients(grad), w.sum(ntoks) / w.size
 
 
 @contextmanager
@@ -219,8 +243,9 @@ def _is_oom(e: BaseException) -> bool:
 class _Metrics:
     """metrics.jsonl (append, one line per report/eval) plus the points for the loss curve."""
 
-    def __init__(self, path: Path, resume_step: int | None) -> None:
+    def __init__(self, path: Path, resume_step: int | None, write: bool = True) -> None:
         self.path = path
+        self.write = write
         self.train: list[tuple[int, float]] = []
         self.val: list[tuple[int, float]] = []
         kept = []
@@ -230,7 +255,8 @@ class _Metrics:
                 if row["iteration"] <= resume_step:
                     kept.append(line)
                     self._remember(row)
-        path.write_text("".join(line + "\n" for line in kept))
+        if write:
+            path.write_text("".join(line + "\n" for line in kept))
 
     def _remember(self, row: dict) -> None:
         if row.get("train_loss") is not None:
@@ -240,6 +266,8 @@ class _Metrics:
 
     def add(self, row: dict) -> None:
         self._remember(row)
+        if not self.write:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -247,6 +275,9 @@ class _Metrics:
 def run(settings: TrainSettings, reporter: Reporter) -> TrainResult:
     wall_start = time.perf_counter()
     out = settings.adapter_path
+    world = dist.world()  # under mlx.launch: this rank of the data-parallel group (else a group of one)
+    reporter = world.reporter(reporter)
+    dist.check_batch_size(settings.batch_size, world)
     resume_ckpt, clear = _start_point(settings, reporter)
     split_path(settings.data, "train")  # fail on a wrong --data before the (slow) model load
     loaded = load_model(settings, reporter)
@@ -266,11 +297,13 @@ def run(settings: TrainSettings, reporter: Reporter) -> TrainResult:
     mx.random.seed(settings.seed)
     lora_parameters = apply_adapters(model, settings)
     cfg = adapter_config(settings, loaded, lora_parameters)
+    use_mixed_precision_lora(model)
     if settings.grad_checkpoint:
         use_grad_checkpoint(model)
 
     plan = BatchPlan(train_set.examples, settings.batch_size, settings.max_seq_length, pack=settings.pack,
                      seed=settings.seed)
+    dist.shard_plan(plan, world, reporter, "train")
     micro_per_epoch = len(plan)
     steps_per_epoch = micro_per_epoch / settings.grad_accumulation_steps
     total_steps = settings.iters or max(1, math.ceil((settings.epochs or 3.0) * steps_per_epoch))
@@ -278,6 +311,7 @@ def run(settings: TrainSettings, reporter: Reporter) -> TrainResult:
     if valid_set is not None:
         val_plan = BatchPlan(valid_set.examples, settings.batch_size, settings.max_seq_length, pack=settings.pack,
                              seed=settings.seed)
+        dist.shard_plan(val_plan, world, reporter, "valid")
         order = val_plan.order(0)
         if settings.val_batches >= 0:
             order = order[: max(1, settings.val_batches)]
@@ -287,8 +321,9 @@ def run(settings: TrainSettings, reporter: Reporter) -> TrainResult:
     optimizer.init(model.trainable_parameters())
     state = {"step": 0, "epoch": 0, "batch_index": 0, "trained_tokens": 0, "best_val_loss": None,
              "best_step": None, "evals_since_best": 0, "initial_val_loss": None, "elapsed": 0.0,
-             "train_data_sha256": sha256_file(train_set.path), "seed": settings.seed}
+             "train_data_sha256": sha256_file(train_set.path), "seed": settings.seed, "world_size": world.size}
     if resume_ckpt is not None:
+        dist.check_resume_world(resume_ckpt, world)
         saved = ckpt.load_checkpoint(resume_ckpt, model, optimizer)
         if saved.get("train_data_sha256") != state["train_data_sha256"]:
             reporter.warn(f"{train_set.path} changed since checkpoint {resume_ckpt}; resuming at the same "
@@ -299,12 +334,17 @@ def run(settings: TrainSettings, reporter: Reporter) -> TrainResult:
             reporter.warn(f"checkpoint step {state['step']} already reaches the {total_steps} steps asked for; "
                           "raise --iters or --epochs to train further")
 
+    # A collective, so also a barrier: every rank has looked at --adapter-path before rank 0 writes into it.
+    dist.check_same(world, {"step to resume from": state["step"], "number of train batches": len(plan)},
+                    "every process must see the same --data and --adapter-path checkpoint (a shared folder, "
+                    "or the same copy at the same path on every machine)")
     # Everything checked: only now touch --adapter-path (a bad flag or data file leaves it as it was).
-    if clear:
-        _clear(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_settings(settings.model_copy(update={"resume": False, "overwrite": False, "resume_from": None}),
-                  out / SETTINGS_FILE)
+    if world.is_main:
+        if clear:
+            _clear(out)
+        out.mkdir(parents=True, exist_ok=True)
+        save_settings(settings.model_copy(update={"resume": False, "overwrite": False, "resume_from": None}),
+                      out / SETTINGS_FILE)
     trainable, total = _param_counts(model)
     scale = settings.lora_scale
     reporter.table("lorakit train", [
@@ -323,18 +363,20 @@ def run(settings: TrainSettings, reporter: Reporter) -> TrainResult:
         ("steps", (f"{total_steps} ({total_steps / steps_per_epoch:.2f} epochs), lr {settings.learning_rate:g} "
                    f"{settings.lr_schedule}, {settings.optimizer}")),
     ])
-    return _train(settings, reporter, loaded, model, head, cfg, plan, val_batches, optimizer, state,
-                  total_steps, steps_per_epoch, resume_ckpt, wall_start,
-                  {"train": len(train_set.examples), "valid": len(valid_set.examples) if valid_set else 0,
-                   "truncated": train_set.truncated + (valid_set.truncated if valid_set else 0),
-                   "trainable": trainable, "total": total})
+    with dist.lost_rank_errors(world):
+        return _train(settings, reporter, loaded, model, head, cfg, plan, val_batches, optimizer, state,
+                      total_steps, steps_per_epoch, resume_ckpt, wall_start,
+                      {"train": len(train_set.examples), "valid": len(valid_set.examples) if valid_set else 0,
+                       "truncated": train_set.truncated + (valid_set.truncated if valid_set else 0),
+                       "trainable": trainable, "total": total})
 
 
 def _train(settings, reporter, loaded, model, head, cfg, plan, val_batches, optimizer, state, total_steps,
            steps_per_epoch, resume_ckpt, wall_start, sizes) -> TrainResult:
     out = settings.adapter_path
     accum = settings.grad_accumulation_steps
-    metrics = _Metrics(out / METRICS, state["step"] if resume_ckpt else None)
+    world = dist.world()
+    metrics = _Metrics(out / METRICS, state["step"] if resume_ckpt else None, write=world.is_main)
     loss_and_grad = nn.value_and_grad(model, partial(batch_loss, head=head))
     compiled_state = [model.state, optimizer.state, mx.random.state]
 
@@ -371,7 +413,9 @@ def _train(settings, reporter, loaded, model, head, cfg, plan, val_batches, opti
             l, n = batch_loss(model, b, head)  # eager: a compile per validation shape costs more than it saves
             mx.eval(l, n)
             loss_sum, ntoks = loss_sum + l.item(), ntoks + n.item()
+            beat()
         model.train()
+        loss_sum, ntoks = world.sum_floats(loss_sum, ntoks)
         return loss_sum / ntoks
 
     def epoch_of() -> float:
@@ -384,6 +428,8 @@ def _train(settings, reporter, loaded, model, head, cfg, plan, val_batches, opti
 
     def save() -> Path:
         state["elapsed"] = elapsed()
+        if not world.is_main:
+            return out
         path = ckpt.save_checkpoint(out, model, optimizer, cfg, dict(state), settings.keep_last)
         reporter.on_save(str(path), state["step"])
         return path
@@ -397,14 +443,16 @@ def _train(settings, reporter, loaded, model, head, cfg, plan, val_batches, opti
             state["initial_val_loss"] = val_loss
         elif state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
             state.update(best_val_loss=val_loss, best_step=state["step"], evals_since_best=0)
-            ckpt.save_best(out, model, cfg, {"step": state["step"], "val_loss": val_loss})
+            if world.is_main:
+                ckpt.save_best(out, model, cfg, {"step": state["step"], "val_loss": val_loss})
             reporter.on_save(str(out / ckpt.BEST), state["step"])
         else:
             state["evals_since_best"] += 1
         row["best_val_loss"] = state["best_val_loss"]
         metrics.add(row)
         reporter.on_eval(row)
-        write_loss_curve(out / CURVE, metrics.train, metrics.val, state["best_step"], f"{loaded.name}")
+        if world.is_main:
+            write_loss_curve(out / CURVE, metrics.train, metrics.val, state["best_step"], f"{loaded.name}")
         return val_loss
 
     model.train()
@@ -418,7 +466,7 @@ def _train(settings, reporter, loaded, model, head, cfg, plan, val_batches, opti
     reporter.start("train", total=total_steps)
     reporter.advance(state["step"])
     try:
-        with _deferred_interrupts(flag):
+        with _deferred_interrupts(flag), dist.watchdog(world, settings.dist_timeout) as beat:
             if val_batches and state["step"] == 0:
                 last["val_loss"] = run_eval()
             while state["step"] < total_steps:
@@ -446,7 +494,10 @@ def _train(settings, reporter, loaded, model, head, cfg, plan, val_batches, opti
                     state["epoch"], state["batch_index"] = (epoch, index + 1) if index + 1 < len(plan) else (
                         epoch + 1, 0)
                 grad_norm = norm.item()
+                # Totals over all ranks; a Ctrl-C seen by any rank stops all of them after the same step.
+                loss_sum, ntoks, stops = world.sum_floats(loss_sum, ntoks, float(bool(flag.get("stop"))))
                 state["step"] += 1
+                beat()
                 in_step = False
                 if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
                     raise _nonfinite_error(settings, state["step"], loss_sum / max(ntoks, 1), grad_norm,
@@ -485,7 +536,7 @@ def _train(settings, reporter, loaded, model, head, cfg, plan, val_batches, opti
                                  f"without improvement (best {state['best_val_loss']:.4f} at step "
                                  f"{state['best_step']})")
                     break
-                if flag.get("stop"):
+                if stops if world.is_distributed else flag.get("stop"):
                     raise KeyboardInterrupt
     except KeyboardInterrupt:
         reporter.finish()
@@ -506,9 +557,10 @@ def _train(settings, reporter, loaded, model, head, cfg, plan, val_batches, opti
         raise
     reporter.finish()
 
-    save_adapter(model, out, cfg)
-    reporter.on_save(str(out / ADAPTER_FILE), state["step"])
-    write_loss_curve(out / CURVE, metrics.train, metrics.val, state["best_step"], f"{loaded.name}")
+    if world.is_main:
+        save_adapter(model, out, cfg)
+        reporter.on_save(str(out / ADAPTER_FILE), state["step"])
+        write_loss_curve(out / CURVE, metrics.train, metrics.val, state["best_step"], f"{loaded.name}")
     wall = elapsed()
     best_dir = out / ckpt.BEST
     result = TrainResult(
@@ -523,8 +575,10 @@ def _train(settings, reporter, loaded, model, head, cfg, plan, val_batches, opti
         stopped_early=stopped_early, resumed_from=str(resume_ckpt) if resume_ckpt else None,
         train_examples=sizes["train"], valid_examples=sizes["valid"], truncated_examples=sizes["truncated"],
         trainable_parameters=sizes["trainable"], total_parameters=sizes["total"],
-        metrics_file=str(out / METRICS), loss_curve=str(out / CURVE), report_file=str(out / REPORT))
-    write_json(out / REPORT, asdict(result))
+        metrics_file=str(out / METRICS), loss_curve=str(out / CURVE), report_file=str(out / REPORT),
+        world_size=world.size)
+    if world.is_main:
+        write_json(out / REPORT, asdict(result))
     reporter.table("training summary", [
         ("steps", f"{result.steps} ({result.epochs:g} epochs){' - stopped early' if stopped_early else ''}"),
         ("val loss", (f"{_fmt(result.initial_val_loss)} -> {_fmt(result.final_val_loss)} "
