@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -213,20 +214,33 @@ def test_resume_refuses_another_number_of_processes(two_rank_run, tiny_model):
     assert "mlx.launch -n 2" in result.stderr
 
 
-def test_resume_with_the_same_number_of_processes_continues(two_rank_run, tiny_model):
+def test_resume_continues_with_the_same_processes_and_ctrl_c_on_one_rank_stops_both(two_rank_run, tiny_model):
     tmp, data, _, _ = two_rank_run
-    ranks = _launch_ring(_train_args(tiny_model, data, tmp / "double", "--resume", "--iters", "9"))
-    results = _json_lines(ranks.stdout)
-    assert len(results) == 1, ranks.stdout + ranks.stderr
-    assert results[0].get("iterations", results[0].get("steps")) == 9, results[0]
+    out = tmp / "double"
+    rank0, rank1 = _start_ranks(_train_args(tiny_model, data, out, "--resume", "--iters", "100000"), tmp)
+    try:  # the run resumes at step 6; a checkpoint at step 9 shows that it went on from there
+        _wait_for(out / "checkpoints" / "step-000009" / "trainer_state.json", [rank0, rank1])
+        rank1.send_signal(signal.SIGINT)  # only one rank sees the Ctrl-C
+        outputs = [p.communicate(timeout=60) for p in (rank0, rank1)]
+    finally:
+        for p in (rank0, rank1):
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert [rank0.returncode, rank1.returncode] == [130, 130], outputs
+    saved = re.search(r"interrupted: saved checkpoint at step (\d+)", outputs[0][1])
+    assert saved, outputs[0][1]
+    state = json.loads((out / "checkpoints" / f"step-{int(saved[1]):06d}" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2
+    assert state["step"] == int(saved[1]) > 9
 
 
-def _wait_for_checkpoint(out: Path, procs: list[subprocess.Popen], timeout: float = 120) -> None:
+def _wait_for(path: Path, procs: list[subprocess.Popen], timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
-    while not any(out.glob("checkpoints/*")) and time.monotonic() < deadline:
+    while not path.exists() and time.monotonic() < deadline:
         assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
         time.sleep(0.2)
-    assert any(out.glob("checkpoints/*")), f"no checkpoint in {out}"
+    assert path.exists(), f"{path} did not appear"
 
 
 @pytest.mark.parametrize("how", ["killed", "stuck"])
@@ -236,7 +250,7 @@ def test_a_lost_rank_makes_the_other_exit_with_a_clear_message(how, tiny_model, 
     args = _train_args(tiny_model, data, out, "--iters", "100000", "--save-every", "2", "--dist-timeout", "5")
     rank0, rank1 = _start_ranks(args, tmp_path)
     try:
-        _wait_for_checkpoint(out, [rank0, rank1])
+        _wait_for(out / "checkpoints" / "step-000002" / "trainer_state.json", [rank0, rank1])
         rank1.send_signal(signal.SIGKILL if how == "killed" else signal.SIGSTOP)
         start = time.monotonic()
         _, stderr = rank0.communicate(timeout=90)
