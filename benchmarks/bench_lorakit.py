@@ -59,7 +59,7 @@ def train(bm: BenchModel, examples: list[bench_data.Example], spec: dict) -> dic
             losses.append(info["train_loss"])
 
     fields = {
-        "model": bm.name, "data": data_dir, "adapter_path": scratch / "lorakit-adapters", "quiet": True,
+        "model": bm.name, "data": data_dir, "adapter_path": scratch / f"{spec['trainer'].replace(':', '-')}-adapters", "quiet": True,
         "lora_rank": spec["rank"], "lora_alpha": spec["rank"] * spec["scale"], "target_modules": ["all-linear"],
         "optimizer": "adam", "learning_rate": spec["lr"], "batch_size": spec["batch_size"],
         "max_seq_length": spec["max_len"], "iters": spec["warmup"] + spec["steps"], "seed": spec["seed"],

