@@ -9,17 +9,18 @@ source "$(dirname "$0")/_common.sh"
 MODEL=${1:-$(default_model)}
 ITERS=${2:-300}
 OUT=${3:-runs/judge}
+mkdir -p "$OUT"
 read -r -a BASE <<<"$(base_flags "$MODEL")"
 
 lorakit prepare "$ROOT/sample_data/judge.jsonl" --out "$OUT/data" --stratify-by verdict --overwrite --json \
-  >"$OUT.prepare.json"
+  >"$OUT/prepare.json"
 lorakit train "${BASE[@]}" --data "$OUT/data" --adapter-path "$OUT/adapter" --overwrite --iters "$ITERS" \
   --batch-size 4 --learning-rate 2e-4 --lr-schedule cosine --warmup 0.05 --train-on assistant \
-  --steps-per-eval 50 --save-every 50 --val-batches -1 --early-stopping-patience 3 --json >"$OUT.train.json"
+  --steps-per-eval 50 --save-every 50 --val-batches -1 --early-stopping-patience 3 --json >"$OUT/train.json"
 lorakit eval "${BASE[@]}" --adapter-path "$OUT/adapter" --data "$OUT/data" --split test --judge --compare-base \
-  --max-tokens 160 --out "$OUT/eval" --overwrite --json >"$OUT.eval.json"
+  --max-tokens 160 --out "$OUT/eval" --overwrite --json >"$OUT/eval.json"
 
-python3 - "$OUT.eval.json" <<'PY'
+python3 - "$OUT/eval.json" <<'PY'
 import json, sys
 ev = json.load(open(sys.argv[1]))
 print(f"judge eval on {ev['examples']} test examples (each asked as given and with A/B swapped)")
