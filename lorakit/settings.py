@@ -206,6 +206,8 @@ class SamplingOptions(BaseSettings):
     repetition_penalty: float | None = Field(None, gt=0, description="Penalise recently seen tokens (>1).")
     stop: CommaList = Field([], description="Stop strings (comma-separated or repeated).")
 
+    _stop_strings = field_validator("stop", mode="before")(_split_stop)
+
 
 class EvalSettings(ModelOptions, SamplingOptions):
     data: Path = Field(description="Directory from `lorakit prepare`.")
@@ -227,7 +229,7 @@ class EvalSettings(ModelOptions, SamplingOptions):
     out: Path | None = Field(None, description="Where eval.json and predictions.jsonl go.")
     overwrite: bool = Field(False, description="Replace existing eval outputs.")
 
-    _split = field_validator("labels", "stop", mode="before")(_split_list)
+    _split = field_validator("labels", mode="before")(_split_list)
 
 
 class GenerateSettings(ModelOptions, SamplingOptions):
@@ -241,7 +243,6 @@ class GenerateSettings(ModelOptions, SamplingOptions):
     batch_size: int = Field(8, gt=0, description="Prompts generated together for --input.")
     overwrite: bool = Field(False, description="Replace an existing --output file.")
 
-    _split = field_validator("stop", mode="before")(_split_stop)
 
 
 class FuseSettings(ModelOptions):

@@ -110,3 +110,13 @@ def test_cli_reports_config_problems_with_exit_2(tmp_path):
     assert result.exit_code == 2
     assert "--max-chars" in result.stderr and "--max-error-rate" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_stop_strings_keep_whitespace_for_generate_and_eval():
+    from lorakit.settings import load_settings
+
+    gen, _ = load_settings("generate", {"model": "m", "stop": "\n\n,END"})
+    ev, _ = load_settings("eval", {"model": "m", "data": "d", "stop": "\n\n,END", "labels": " A , B"})
+    assert gen.stop == ["\n\n", "END"]
+    assert ev.stop == ["\n\n", "END"]
+    assert ev.labels == ["A", "B"]
