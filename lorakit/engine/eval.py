@@ -40,7 +40,7 @@ from lorakit.engine.batching import Batch, BatchPlan
 from lorakit.engine.data import Example, load_split, split_path
 from lorakit.engine.generate import base_model, build_prompt, generate_batch, make_sampling
 from lorakit.engine.judge import JudgeItem, JudgePrompt, judge_item
-from lorakit.engine.losses import loss_head
+from lorakit.engine.losses import loss_head, token_losses
 from lorakit.engine.models import LoadedModel, load_model
 from lorakit.engine.reporter import Reporter
 from lorakit.errors import UserError
@@ -181,29 +181,11 @@ def model_identity(settings: EvalSettings, loaded: LoadedModel) -> dict[str, Any
 # ---- loss ---------------------------------------------------------------------------------------------------
 
 def row_losses(model: nn.Module, batch: Batch, head: str | None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row loss sums and loss-token counts of one batch.
-
-    The computation of lorakit.engine.losses.batch_loss (same targets, weights, gathered positions and
-    projection), summed per row instead of over the whole batch; tests check the totals agree.
-    """
+    """Per-row loss sums and loss-token counts of one batch (losses.token_losses, summed per row)."""
     data = batch.to_mx()
-    inputs = data["inputs"]
-    rows, width = inputs.shape
-    positions = data["positions"]
-    if positions is None:
-        positions = mx.arange(rows * width)
-        targets, weights = data["targets"].reshape(-1), data["weights"].reshape(-1)
-    else:
-        targets, weights = data["targets"], data["weights"]
-    if head is None:
-        logits = model(inputs)
-        logits = logits.reshape(-1, logits.shape[-1])[positions]
-    else:
-        hidden = model.model(inputs)
-        hidden = hidden.reshape(-1, hidden.shape[-1])[positions]
-        logits = model.lm_head(hidden) if head == "lm_head" else model.model.embed_tokens.as_linear(hidden)
-    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets) * weights
-    owner = positions // width
+    ce, weights, positions = token_losses(model, data, head)
+    owner = positions // data["inputs"].shape[1]
+    rows = data["inputs"].shape[0]
     sums = mx.zeros((rows,), dtype=mx.float32).at[owner].add(ce)
     counts = mx.zeros((rows,), dtype=mx.float32).at[owner].add(weights)
     mx.eval(sums, counts)

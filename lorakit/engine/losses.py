@@ -110,19 +110,39 @@ def loss_head(model: nn.Module) -> str | None:
     return head if same else None
 
 
+def token_losses(model: nn.Module, batch: dict[str, Any], head: str | None = None
+                 ) -> tuple[mx.array, mx.array, mx.array]:
+    """Weighted cross-entropy of every target, the weights, and each target's flat position (row * width + t).
+
+    Unchunked and gradient-agnostic: what evaluation needs per example, and batch_loss's full-logits path.
+    """
+    inputs, targets, weights = batch["inputs"], batch["targets"].reshape(-1), batch["weights"].reshape(-1)
+    cache = None
+    if batch.get("segments") is not None:
+        cache = [PackedMask(batch["segments"])] * len(model.layers)
+    positions = batch.get("positions")
+    if positions is None:
+        positions = mx.arange(inputs.size)
+    if head is None:
+        logits = model(inputs, cache=cache)
+        logits = logits.reshape(-1, logits.shape[-1])[positions]
+    else:
+        hidden = model.model(inputs, cache=cache)
+        logits = _project(model, hidden.reshape(-1, hidden.shape[-1])[positions], head)
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets) * weights
+    return ce, weights, positions
+
+
 def batch_loss(model: nn.Module, batch: dict[str, Any], head: str | None = None) -> tuple[mx.array, mx.array]:
     """Sum of cross-entropy over loss-bearing targets, and their count (see lorakit.engine.batching.Batch)."""
+    if head is None:
+        ce, weights, _ = token_losses(model, batch)
+        return ce.sum(), weights.sum()
     inputs, targets, weights = batch["inputs"], batch["targets"], batch["weights"]
     cache = None
     if batch.get("segments") is not None:
         cache = [PackedMask(batch["segments"])] * len(model.layers)
     positions = batch.get("positions")
-    if head is None:
-        logits = model(inputs, cache=cache)
-        if positions is not None:
-            logits = logits.reshape(-1, logits.shape[-1])[positions]
-        ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets) * weights
-        return ce.sum(), weights.sum()
     hidden = model.model(inputs, cache=cache)
     hidden = hidden.reshape(-1, hidden.shape[-1])
     if positions is not None:
