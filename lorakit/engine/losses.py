@@ -110,6 +110,13 @@ def loss_head(model: nn.Module) -> str | None:
     return head if same else None
 
 
+def _packed_cache(model: nn.Module, batch: dict[str, Any]) -> list[PackedMask] | None:
+    """Per-layer stand-in caches that keep packed examples from attending to each other (None: not packed)."""
+    if batch.get("segments") is None:
+        return None
+    return [PackedMask(batch["segments"])] * len(model.layers)
+
+
 def token_losses(model: nn.Module, batch: dict[str, Any], head: str | None = None
                  ) -> tuple[mx.array, mx.array, mx.array]:
     """Weighted cross-entropy of every target, the weights, and each target's flat position (row * width + t).
@@ -117,9 +124,7 @@ def token_losses(model: nn.Module, batch: dict[str, Any], head: str | None = Non
     Unchunked and gradient-agnostic: what evaluation needs per example, and batch_loss's full-logits path.
     """
     inputs, targets, weights = batch["inputs"], batch["targets"].reshape(-1), batch["weights"].reshape(-1)
-    cache = None
-    if batch.get("segments") is not None:
-        cache = [PackedMask(batch["segments"])] * len(model.layers)
+    cache = _packed_cache(model, batch)
     positions = batch.get("positions")
     if positions is None:
         positions = mx.arange(inputs.size)
@@ -139,9 +144,7 @@ def batch_loss(model: nn.Module, batch: dict[str, Any], head: str | None = None)
         ce, weights, _ = token_losses(model, batch)
         return ce.sum(), weights.sum()
     inputs, targets, weights = batch["inputs"], batch["targets"], batch["weights"]
-    cache = None
-    if batch.get("segments") is not None:
-        cache = [PackedMask(batch["segments"])] * len(model.layers)
+    cache = _packed_cache(model, batch)
     positions = batch.get("positions")
     hidden = model.model(inputs, cache=cache)
     hidden = hidden.reshape(-1, hidden.shape[-1])
