@@ -51,9 +51,10 @@ class BenchModel:
 
 def build(name: str, dtype: str, seed: int = 0, scratch: Path | None = None) -> BenchModel:
     """Load or build the model `name` in `dtype` (same weights in every process for a given seed)."""
-    import mlx.core as mx
+    from lorakit.blas import preload
 
-    import lorakit.engine  # noqa: F401  (OpenBLAS before mlx, unless LORAKIT_NO_OPENBLAS=1)
+    preload()  # OpenBLAS before mlx is first imported, unless LORAKIT_NO_OPENBLAS=1 (keep it above the mlx import)
+    import mlx.core as mx
 
     if name in SHAPES:
         import importlib

@@ -1,22 +1,32 @@
 #!/usr/bin/env bash
-# Packing / gradient-checkpointing settings vs mlx-lm (Llama-3.2-1B shape), one call on the CUDA machine.
-# Usage (repo root, after `source .gpu/b/setup.sh`): bash benchmarks/gpu_pack_suite.sh [model] [steps] [seconds]
+# lorakit's fast settings vs mlx-lm (Llama-3.2-1B shape), on the CUDA machine; JSON + logs under $OUT.
+# Usage (repo root, after `source .gpu/b/setup.sh`):
+#   bash benchmarks/gpu_pack_suite.sh [model] [steps] [seconds] [runs]
+# runs: comma list of attention, longtail_pack, longtail_mask_pack, uniform (default: all, in that order).
 # mlx-lm always runs at batch 8; lorakit variants set their own batch (pack: rows of max_len tokens).
 set -u
 OUT=${OUT:-bench-out}; mkdir -p "$OUT"
 MODEL=${1:-llama-3.2-1b}; STEPS=${2:-30}; END=$(( $(date +%s) + ${3:-530} ))
+RUNS=${4:-attention,longtail_pack,longtail_mask_pack,uniform}
 B="python benchmarks/train_bench.py --model $MODEL --batch-size 8 --max-len ${MAX_LEN:-2048} --warmup 3 --steps $STEPS"
-PACK=(--trainers mlx-lm --variant pack-b4:pack=true,batch_size=4
-      --variant pack-b4-gc:pack=true,batch_size=4,grad_checkpoint=true)
+PACK=(--trainers mlx-lm --variant pack-b4:pack=true,batch_size=4 --variant pack-b8:pack=true,batch_size=8)
 bench() {  # name, args...: stops at the suite's deadline
   local name=$1; shift
   local left=$(( END - $(date +%s) ))
   if [ "$left" -lt 20 ]; then echo "skipped $name: out of time" | tee -a "$OUT/table.txt"; return; fi
   echo "== $name ($(date +%T), ${left}s left)" | tee -a "$OUT/table.txt" "$OUT/log.txt"
-  timeout "$left" $B "$@" --out "$OUT/$name.json" 2>>"$OUT/log.txt" | tee -a "$OUT/table.txt"
+  timeout "$left" "$@" --out "$OUT/$name.json" 2>>"$OUT/log.txt" | tee -a "$OUT/table.txt"
 }
-python -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device())" 2>&1 | tee "$OUT/log.txt"
+python -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device())" 2>&1 | tee -a "$OUT/log.txt"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv 2>&1 | tee -a "$OUT/log.txt"
-bench longtail_pack --data longtail "${PACK[@]}"
-bench longtail_mask_pack --data longtail --mask-prompt "${PACK[@]}"
-bench uniform_gc --data uniform --trainers mlx-lm,lorakit --variant gc:grad_checkpoint=true
+for run in ${RUNS//,/ }; do
+  case $run in
+    attention) echo "== attention" | tee -a "$OUT/table.txt"
+               python benchmarks/attention_bench.py 2>>"$OUT/table.txt" >"$OUT/attention.json" ;;
+    longtail_pack) bench longtail_pack $B --data longtail "${PACK[@]}" ;;
+    longtail_mask_pack) bench longtail_mask_pack $B --data longtail --mask-prompt "${PACK[@]}" ;;
+    uniform) bench uniform $B --data uniform --trainers mlx-lm,lorakit --variant gc:grad_checkpoint=true ;;
+    *) echo "unknown run: $run" >&2; exit 2 ;;
+  esac
+done
+cat "$OUT/table.txt"

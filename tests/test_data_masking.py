@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lorakit.engine.batching import BatchPlan, bucket
-from lorakit.engine.data import load_split
+from lorakit.engine.data import Example, load_split
 from lorakit.engine.reporter import RecordingReporter
 from lorakit.engine.templates import BUILTIN_TEMPLATES
 from lorakit.errors import UserError
@@ -164,3 +164,22 @@ def test_batches_sorted_shuffled_and_never_train_padding(tiny_model, tmp_path):
             assert batch.weights[r, n - 1:].sum() == 0  # padding targets carry no loss
             assert batch.weights[r, : n - 1].sum() == split.examples[row[0]].mask.sum()
     assert bucket(20) == 32 and bucket(33) == 64 and bucket(300) == 320 and bucket(1000) == 1024
+    # from 512 up, multiples of 128 (MLX's fused CUDA attention has a backward pass only for those)
+    assert all(bucket(n) % 128 == 0 and bucket(n) >= n for n in range(513, 5000, 7))
+
+
+def test_packed_rows_fill_max_seq_length_inputs():
+    rng = np.random.default_rng(0)
+    examples = [Example(rng.integers(3, 300, n).astype(np.int32), np.ones(n, bool))
+                for n in rng.integers(50, 700, 40)]
+    plan = BatchPlan(examples, 2, 1024, pack=True, seed=0)
+    widths = set()
+    for b in range(len(plan)):
+        batch = plan.build(b)
+        widths.add(batch.inputs.shape[1])
+        assert batch.inputs.shape[1] <= 1024  # inputs never exceed max_seq_length
+        for r, row in enumerate(plan.batches[b]):
+            assert sum(examples[i].length for i in row) <= 1025  # a row: max_seq_length + 1 tokens
+            tokens = sum(examples[i].length for i in row)
+            assert (batch.segments[r] > 0).sum() == min(tokens, batch.inputs.shape[1])
+    assert 1024 in widths  # full rows use every position: a multiple of 128 for the fused attention

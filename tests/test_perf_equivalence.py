@@ -158,3 +158,37 @@ def test_trainable_head_gets_the_same_gradient(tiny_model, monkeypatch):
     assert l_opt.item() == pytest.approx(l_ref.item(), rel=1e-5)
     emb_ref, emb_opt = g_ref["model"]["embed_tokens"]["weight"], g_opt["model"]["embed_tokens"]["weight"]
     assert mx.abs(emb_ref - emb_opt).max().item() <= 1e-4 * mx.abs(emb_ref).max().item()
+
+
+def test_one_exp_and_logsumexp_forms_agree():
+    """The CPU form (one exp per logit) and the GPU form (fused logsumexp + exp) give the same losses and softmax."""
+    rng = np.random.default_rng(0)
+    logits = mx.array(rng.normal(0, 4, (37, 500)).astype(np.float32))
+    targets = mx.array(rng.integers(0, 500, 37).astype(np.int32))
+    weights = mx.array((rng.random(37) > 0.3).astype(np.float32))
+    loss_a, probs_a = losses._losses_and_probs(logits, targets, weights, one_exp=True)
+    loss_b, probs_b = losses._losses_and_probs(logits, targets, weights, one_exp=False)
+    expected = nn.losses.cross_entropy(logits, targets) * weights
+    assert mx.allclose(loss_a, expected, atol=1e-5).item() and mx.allclose(loss_b, expected, atol=1e-5).item()
+    assert mx.allclose(probs_a, mx.softmax(logits, axis=-1), atol=1e-6).item()
+    assert mx.allclose(probs_a, probs_b, atol=1e-6).item()
+
+
+def test_grad_checkpoint_with_packing_gives_the_same_gradients(tiny_model):
+    """Checkpointed blocks recompute activations; the packed attention mask is not differentiated."""
+    examples = _examples(6, masked=True)
+    arrays = BatchPlan(examples, batch_size=2, max_seq_length=256, pack=True, seed=0).build(0).to_mx()
+    assert arrays["segments"] is not None and int(arrays["segments"].max().item()) >= 2  # really packed
+    model = _lora_model(tiny_model)
+    head = losses.loss_head(model)
+    results = []
+    for checkpoint in (False, True):
+        if checkpoint:
+            train_engine.use_grad_checkpoint(model)  # same weights, blocks now recompute in the backward pass
+        (loss, _), grad = nn.value_and_grad(model, losses.batch_loss)(model, arrays, head)
+        results.append((loss.item(), dict(tree_flatten(grad))))
+    (loss_a, grad_a), (loss_b, grad_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    assert grad_a.keys() == grad_b.keys()
+    for key in grad_a:
+        assert mx.allclose(grad_a[key], grad_b[key], atol=1e-6, rtol=1e-4).item(), key

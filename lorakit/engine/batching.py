@@ -1,12 +1,14 @@
 """Examples -> padded batches: sorted by length, shuffled per epoch by seed, optionally packed.
 
-- Rows: one example per row, or with `pack` several examples per row of at most max_seq_length tokens
-  (best-fit decreasing), kept apart in attention by `PackedMask` (the per-layer stand-in cache that
-  mlx-lm models consult for their attention mask).
+- Rows: one example per row, or with `pack` several examples per row (best-fit decreasing) whose inputs
+  fill at most max_seq_length positions, kept apart in attention by `PackedMask` (the per-layer stand-in
+  cache that mlx-lm models consult for their attention mask).
 - Batches: rows sorted by length and cut into batches of `batch_size`, so each batch pads little. The
   order of batches is a permutation drawn from (seed, epoch), so any position (epoch, index) can be
   resumed without stored RNG state.
-- Shapes are rounded up to buckets (8 per octave, at least 32) so the compiled step re-traces rarely.
+- Shapes are rounded up to buckets (8 per octave, at least 32; multiples of 128 from 512 up) so the
+  compiled step re-traces rarely. MLX's fused CUDA attention (cuDNN) has a backward pass only for lengths
+  that are multiples of 128; otherwise it falls back to attention that stores B x H x T x T scores.
 - `Batch.positions` lists the flat indices of loss-bearing targets (padded to 1/4, 1/2 or 3/4 of the
   batch's positions) when they are under 3/4 of the batch: the loss then projects only those hidden states onto the vocabulary.
 """
@@ -29,10 +31,10 @@ GATHER_SHARES = (0.25, 0.5, 0.75)
 
 
 def bucket(n: int, minimum: int = 32) -> int:
-    """Round n up to a size with 8 steps per power of two (at least `minimum` granularity)."""
+    """Round n up to a size with 8 steps per power of two (at least `minimum`, 128 above 512)."""
     if n <= minimum:
         return minimum
-    step = max(minimum, 2 ** (math.floor(math.log2(n)) - 3))
+    step = max(minimum if n <= 512 else 128, 2 ** (math.floor(math.log2(n)) - 3))
     return -(-n // step) * step
 
 
@@ -113,7 +115,8 @@ class BatchPlan:
         self.shuffle = shuffle
         self.max_seq_length = max_seq_length
         lengths = [e.length for e in examples]
-        rows = _pack(lengths, max_seq_length) if pack else [[i] for i in range(len(examples))]
+        # a packed row holds max_seq_length + 1 tokens: its inputs (all but the last) fill max_seq_length
+        rows = _pack(lengths, max_seq_length + 1) if pack else [[i] for i in range(len(examples))]
         row_len = [sum(lengths[i] for i in row) for row in rows]
         rows = [rows[r] for r in sorted(range(len(rows)), key=lambda r: (row_len[r], r))]
         self.rows = rows
@@ -139,7 +142,7 @@ class BatchPlan:
         rows = self.batches[b]
         seqs = [[self.examples[i] for i in row] for row in rows]
         longest = max(sum(e.length for e in row) for row in seqs)
-        width = min(bucket(longest - 1), self.max_seq_length - 1) + 1
+        width = min(bucket(longest - 1), self.max_seq_length) + 1
         tokens = np.zeros((len(rows), width), np.int32)
         mask = np.zeros((len(rows), width), bool)
         segments = np.zeros((len(rows), width), np.int32)

@@ -150,12 +150,13 @@ def use_grad_checkpoint(model: nn.Module) -> None:
         if cls not in subclasses:
             call = cls.__call__
 
-            def checkpointed(self, *args, _call=call, **kwargs):
-                def inner(params, *args, **kwargs):
+            def checkpointed(self, x, *args, _call=call, **kwargs):
+                # only the hidden states are differentiated: fused attention has no gradient for a mask
+                def inner(params, x):
                     self.update(params)
-                    return _call(self, *args, **kwargs)
+                    return _call(self, x, *args, **kwargs)
 
-                return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+                return mx.checkpoint(inner)(self.trainable_parameters(), x)
 
             subclasses[cls] = type(cls.__name__, (cls,), {"__call__": checkpointed})
         block.__class__ = subclasses[cls]
