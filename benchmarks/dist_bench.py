@@ -24,7 +24,9 @@ BACKEND = os.environ.get("BACKEND", "nccl")  # "ring" for a CPU smoke test
 
 def build() -> None:
     sys.path.insert(0, os.getcwd())
-    import lorakit.engine  # noqa: F401
+    from lorakit.blas import preload
+
+    preload()  # OpenBLAS before mlx is first imported: keep above the mlx imports
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.models.llama import Model, ModelArgs

@@ -48,7 +48,9 @@ def tiny_model_dir(path: str | Path, *, seed: int = 0, hidden_size: int = 64, nu
                    vocab_size: int = 384, tie_word_embeddings: bool = True, quantize_bits: int | None = None,
                    dtype: str = "float32") -> Path:
     """Write a tiny llama model directory loadable by mlx_lm.load (and lorakit's loader)."""
-    import lorakit.engine  # noqa: F401  (OpenBLAS before mlx)
+    from lorakit.blas import preload
+
+    preload()  # OpenBLAS before mlx is first imported: keep above the mlx imports
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten
@@ -104,7 +106,9 @@ def random_adapter_dir(model_dir: str | Path, path: str | Path, *, fine_tune_typ
                        seed: int = 0, b_scale: float = 0.5) -> Path:
     """An adapter for the model at `model_dir` in mlx-lm's layout, as `lorakit train` saves it, with random
     non-zero B (and DoRA magnitudes) so that it visibly changes the model's logits."""
-    import lorakit.engine  # noqa: F401  (OpenBLAS before mlx)
+    from lorakit.blas import preload
+
+    preload()  # OpenBLAS before mlx is first imported: keep above the mlx imports
     import mlx.core as mx
 
     from lorakit.engine.adapters import adapter_config, apply_adapters, save_adapter
@@ -128,7 +132,9 @@ def random_adapter_dir(model_dir: str | Path, path: str | Path, *, fine_tune_typ
 def gguf_layout_model_dir(model_dir: str | Path, path: str | Path) -> Path:
     """A copy of a llama model directory as lorakit's GGUF import leaves one: q/k rows in llama.cpp's order,
     `rope_traditional: true` and a `lorakit_source` saying gguf. It computes the same function."""
-    import lorakit.engine  # noqa: F401  (OpenBLAS before mlx)
+    from lorakit.blas import preload
+
+    preload()  # OpenBLAS before mlx is first imported: keep above the mlx imports
     import mlx.core as mx
 
     from lorakit.engine.hf_export import permute_rows, qk_heads

@@ -23,7 +23,9 @@ app = typer.Typer(
 def version_text() -> str:
     from importlib.metadata import version
 
-    import lorakit.engine  # noqa: F401  (loads OpenBLAS before mlx)
+    from lorakit.blas import preload
+
+    preload()  # OpenBLAS before mlx is first imported: keep above the mlx imports
     import mlx.core as mx
 
     from lorakit import __version__
