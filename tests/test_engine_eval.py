@@ -275,6 +275,20 @@ def test_adapter_for_another_base_is_refused(tiny_model, judge_data, adapter_dir
         ev.run(EvalSettings(model=str(tiny_model), data=judge_data, adapter_path=other), Reporter())
 
 
+def test_adapter_from_another_named_base_warns_once(tiny_model, judge_data, adapter_dir, tmp_path):
+    import shutil
+
+    other = tmp_path / "renamed"
+    shutil.copytree(adapter_dir, other, ignore=shutil.ignore_patterns("eval-*"))
+    config = json.loads((other / "adapter_config.json").read_text())
+    config["model"] = "some-other-base"  # same shapes, another name: loaded with a warning
+    (other / "adapter_config.json").write_text(json.dumps(config))
+    reporter = RecordingReporter()
+    ev.run(EvalSettings(model=str(tiny_model), data=judge_data, adapter_path=other, out=tmp_path / "o"), reporter)
+    warnings = [m for kind, m in reporter.events if kind == "warn" and "some-other-base" in m]
+    assert len(warnings) == 1, warnings
+
+
 def test_bad_input(tiny_model, judge_data, qa_data, tmp_path):
     with pytest.raises(UserError, match="no valid.jsonl"):
         ev.run(_settings(tiny_model, judge_data, tmp_path / "o", split="valid"), Reporter())

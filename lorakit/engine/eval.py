@@ -29,13 +29,7 @@ import numpy as np
 from mlx import nn
 
 from lorakit.engine import metrics
-from lorakit.engine.adapters import (
-    ADAPTER_FILE,
-    check_base,
-    load_adapter,
-    read_adapter_config,
-    resolve_adapter_dir,
-)
+from lorakit.engine.adapters import ADAPTER_FILE, load_adapter, read_adapter_config, resolve_adapter_dir
 from lorakit.engine.batching import Batch, BatchPlan
 from lorakit.engine.data import Example, load_split, split_path
 from lorakit.engine.generate import base_model, build_prompt, generate_batch, make_sampling
@@ -156,13 +150,11 @@ def read_records(settings: EvalSettings, path: Path, reporter: Reporter) -> tupl
     return records, len(rows)
 
 
-def adapter_identity(settings: EvalSettings, directory: Path | None, loaded: LoadedModel,
-                     reporter: Reporter) -> dict[str, Any] | None:
-    """Check the adapter fits the base (exit 2 if not) before anything is evaluated; describe it."""
+def adapter_identity(settings: EvalSettings, directory: Path | None) -> dict[str, Any] | None:
+    """Describe the adapter loaded from `directory` (load_adapter already checked that it fits the base)."""
     if directory is None:
         return None
     config = read_adapter_config(directory)
-    check_base(config, loaded, directory, reporter)
     return {
         "path": str(settings.adapter_path),
         "dir": str(directory),
@@ -373,13 +365,14 @@ def run(settings: EvalSettings, reporter: Reporter) -> EvalResult:
     out = ensure_new_dir(out_dir(settings), settings.overwrite)
     template = JudgePrompt(settings.judge_template) if settings.judge else None
     records, n_rows = read_records(settings, path, reporter)
-    adapter_dir = resolve_adapter_dir(settings.adapter_path) if settings.adapter_path is not None else None
+    if settings.adapter_path is not None:
+        resolve_adapter_dir(settings.adapter_path)  # a wrong path fails before the model loads
 
     loaded = load_model(settings, reporter)
-    adapter = adapter_identity(settings, adapter_dir, loaded, reporter)
+    # load_adapter refuses (exit 2) an adapter of another base before anything is evaluated
+    adapter_dir = load_adapter(loaded, settings.adapter_path, reporter) if settings.adapter_path else None
+    adapter = adapter_identity(settings, adapter_dir)
     examples = loss_examples(settings, loaded, records, n_rows, reporter)
-    if settings.adapter_path is not None:
-        load_adapter(loaded, settings.adapter_path, reporter)
     loaded.model.eval()
 
     timings: dict[str, float] = {}
