@@ -1,14 +1,37 @@
 #!/usr/bin/env bash
-# The GPU benchmark suite (Llama-3.2-1B shape, batch 8): one call on the CUDA machine, JSON + logs under $OUT.
-# Usage (repo root, after `source .gpu/b/setup.sh`): bash benchmarks/gpu_suite.sh [model]
+# The GPU benchmarks (lorakit vs mlx-lm, Llama-3.2-1B shape by default) in one call on the CUDA machine;
+# JSON, tables and logs under $OUT.
+# Usage (repo root, after `source .gpu/b/setup.sh`):
+#   bash benchmarks/gpu_suite.sh [model] [steps] [seconds] [runs]
+# runs: comma list of attention, uniform, longtail, longtail_mask, longtail_pack, longtail_mask_pack
+# (default: all, in that order; a run that would start past [seconds], default 530, is skipped).
+# mlx-lm always runs at batch 8; lorakit variants set their own batch (pack: rows of max_len tokens).
 set -u
 OUT=${OUT:-bench-out}; mkdir -p "$OUT"
-B="python benchmarks/train_bench.py --model ${1:-llama-3.2-1b} --batch-size 8 --max-len 2048 --warmup 3"
-python -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device())" 2>&1 | tee "$OUT/log.txt"
+MODEL=${1:-llama-3.2-1b}; STEPS=${2:-25}; END=$(( $(date +%s) + ${3:-530} ))
+RUNS=${4:-attention,uniform,longtail,longtail_mask,longtail_pack,longtail_mask_pack}
+B="python benchmarks/train_bench.py --model $MODEL --batch-size 8 --max-len ${MAX_LEN:-2048} --warmup 3 --steps $STEPS"
+PACK=(--trainers mlx-lm --variant pack-b3:pack=true,batch_size=3 --variant pack-b4:pack=true,batch_size=4
+      --variant pack-b4-gc:pack=true,batch_size=4,grad_checkpoint=true)
+bench() {  # name, args...: stops at the suite's deadline
+  local name=$1; shift
+  local left=$(( END - $(date +%s) ))
+  if [ "$left" -lt 20 ]; then echo "skipped $name: out of time" | tee -a "$OUT/table.txt"; return; fi
+  echo "== $name ($(date +%T), ${left}s left)" | tee -a "$OUT/table.txt" "$OUT/log.txt"
+  timeout "$left" "$@" --out "$OUT/$name.json" 2>>"$OUT/log.txt" | tee -a "$OUT/table.txt"
+}
+python -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device())" 2>&1 | tee -a "$OUT/log.txt"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv 2>&1 | tee -a "$OUT/log.txt"
-$B --steps 30 --data uniform --out "$OUT/uniform.json" 2>>"$OUT/log.txt" | tee -a "$OUT/table.txt"
-$B --steps 60 --data longtail --out "$OUT/longtail.json" 2>>"$OUT/log.txt" | tee -a "$OUT/table.txt"
-$B --steps 60 --data longtail --mask-prompt --out "$OUT/longtail_mask.json" 2>>"$OUT/log.txt" | tee -a "$OUT/table.txt"
-$B --steps 60 --data longtail --trainers lorakit --lorakit-opt pack=true --out "$OUT/longtail_pack.json" \
-  2>>"$OUT/log.txt" | tee -a "$OUT/table.txt"
+for run in ${RUNS//,/ }; do
+  case $run in
+    attention) echo "== attention" | tee -a "$OUT/table.txt"
+               python benchmarks/attention_bench.py 2>>"$OUT/table.txt" >"$OUT/attention.json" ;;
+    uniform) bench uniform $B --data uniform --trainers mlx-lm,lorakit --variant gc:grad_checkpoint=true ;;
+    longtail) bench longtail $B --data longtail --trainers mlx-lm,lorakit ;;
+    longtail_mask) bench longtail_mask $B --data longtail --mask-prompt --trainers mlx-lm,lorakit ;;
+    longtail_pack) bench longtail_pack $B --data longtail "${PACK[@]}" ;;
+    longtail_mask_pack) bench longtail_mask_pack $B --data longtail --mask-prompt "${PACK[@]}" ;;
+    *) echo "unknown run: $run" >&2; exit 2 ;;
+  esac
+done
 cat "$OUT/table.txt"
