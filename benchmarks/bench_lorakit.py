@@ -18,7 +18,7 @@ from bench_models import BenchModel
 
 
 def _split(examples: list[bench_data.Example], mask_prompt: bool, path: Path):
-    from lorakit.engine.data import Example, Split
+    from lorakit.engine.data.tokenized import Split, TokenizedExample
 
     path.write_text("".join(json.dumps({"tokens": e.tokens}) + "\n" for e in examples))
     out = []
@@ -26,7 +26,7 @@ def _split(examples: list[bench_data.Example], mask_prompt: bool, path: Path):
         tokens = np.array(e.tokens, np.int32)
         mask = np.zeros(len(tokens), bool)
         mask[e.prompt_len if mask_prompt else 1:] = True
-        out.append(Example(tokens, mask))
+        out.append(TokenizedExample(tokens, mask))
     return Split(path=path, format="text", train_on="completions" if mask_prompt else "all", examples=out,
                  truncated=0, dropped=0)
 
@@ -35,7 +35,7 @@ def train(bm: BenchModel, examples: list[bench_data.Example], spec: dict) -> dic
     import mlx.core as mx
 
     from lorakit.engine import train as lk_train
-    from lorakit.engine.models import LoadedModel
+    from lorakit.engine.model.loading import LoadedModel
     from lorakit.engine.reporter import Reporter
     from lorakit.settings import TrainSettings
 

@@ -72,7 +72,7 @@ def build(name: str, dtype: str, seed: int = 0, scratch: Path | None = None) -> 
         path = tiny_model_dir(Path(scratch or tempfile.mkdtemp(prefix="lorakit-bench-")) / "tiny", seed=seed)
     else:
         path = Path(name)
-    from lorakit.engine.models import load_model
+    from lorakit.engine.model.loading import load_model
 
     class _Opts:
         model = str(path)

@@ -71,7 +71,7 @@ import json, sys
 from dataclasses import asdict
 from pathlib import Path
 import lorakit.engine
-from lorakit.engine.distributed import world
+from lorakit.engine.model.distributed import world
 from lorakit.engine.reporter import Reporter
 from lorakit.engine.train import run
 from lorakit.settings import load_settings

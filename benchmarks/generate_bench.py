@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 import lorakit.engine  # noqa: F401  (OpenBLAS before mlx)
-from lorakit.engine import generate as lk
-from lorakit.engine.models import load_model
+from lorakit.engine.model import generation as gen
+from lorakit.engine.model.loading import load_model
 from lorakit.settings import GenerateSettings
 
 PROMPT = "Write a long story about a robot who learns to paint."
@@ -35,7 +35,7 @@ PROMPT = "Write a long story about a robot who learns to paint."
 def _lorakit(loaded, tokens: list[int], sampling, max_tokens: int) -> tuple[float, float, str]:
     sink = io.StringIO()  # stands in for stdout: the streaming path is part of what is measured
     tic = time.perf_counter()
-    out = lk.generate_one(loaded.model, loaded.tokenizer, tokens, sampling, max_tokens, on_text=sink.write)
+    out = gen.generate_one(loaded.model, loaded.tokenizer, tokens, sampling, max_tokens, on_text=sink.write)
     wall = time.perf_counter() - tic
     assert out.generation_tokens == max_tokens, out
     return out.generation_tps, max_tokens / wall, out.text
@@ -57,8 +57,8 @@ def _mlx_lm(loaded, tokens: list[int], max_tokens: int) -> tuple[float, float, s
 def bench(model: str, dtype: str | None, prompt: str, max_tokens: int, repeats: int) -> dict:
     settings = GenerateSettings(model=model, dtype=dtype, max_tokens=max_tokens)
     loaded = load_model(settings)
-    tokens = lk.build_prompt(loaded.tokenizer, prompt)
-    sampling = lk.make_sampling(settings)  # greedy: temp 0
+    tokens = gen.build_prompt(loaded.tokenizer, prompt)
+    sampling = gen.make_sampling(settings)  # greedy: temp 0
     loaded.tokenizer.eos_token_ids = []  # generate exactly max_tokens on both sides
 
     runs = {"lorakit": lambda: _lorakit(loaded, tokens, sampling, max_tokens),

@@ -111,8 +111,8 @@ def random_adapter_dir(model_dir: str | Path, path: str | Path, *, fine_tune_typ
     preload()  # OpenBLAS before mlx is first imported: keep above the mlx imports
     import mlx.core as mx
 
-    from lorakit.engine.adapters import adapter_config, apply_adapters, save_adapter
-    from lorakit.engine.models import load_model
+    from lorakit.engine.model.adapters import adapter_config, apply_adapters, save_adapter
+    from lorakit.engine.model.loading import load_model
     from lorakit.settings import TrainSettings
 
     settings = TrainSettings(model=str(model_dir), data=Path("."), fine_tune_type=fine_tune_type, lora_rank=rank,
@@ -137,7 +137,7 @@ def gguf_layout_model_dir(model_dir: str | Path, path: str | Path) -> Path:
     preload()  # OpenBLAS before mlx is first imported: keep above the mlx imports
     import mlx.core as mx
 
-    from lorakit.engine.hf_export import permute_rows, qk_heads
+    from lorakit.engine.export.hf_export import permute_rows, qk_heads
 
     model_dir, path = Path(model_dir), Path(path)
     config = json.loads((model_dir / "config.json").read_text())

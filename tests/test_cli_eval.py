@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lorakit.cli.app import app
-from lorakit.engine.formats import judge_messages
+from lorakit.engine.data.formats import judge_messages
 
 runner = CliRunner()
 

@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from lorakit.engine.batching import BatchPlan, bucket
-from lorakit.engine.data import Example, load_split
+from lorakit.engine.data.batching import BatchPlan, bucket
+from lorakit.engine.data.templates import BUILTIN_TEMPLATES
+from lorakit.engine.data.tokenized import TokenizedExample, load_split
 from lorakit.engine.reporter import RecordingReporter
-from lorakit.engine.templates import BUILTIN_TEMPLATES
 from lorakit.errors import UserError
 
 CHAT = [
@@ -170,7 +170,7 @@ def test_batches_sorted_shuffled_and_never_train_padding(tiny_model, tmp_path):
 
 def test_packed_rows_fill_max_seq_length_inputs():
     rng = np.random.default_rng(0)
-    examples = [Example(rng.integers(3, 300, n).astype(np.int32), np.ones(n, bool))
+    examples = [TokenizedExample(rng.integers(3, 300, n).astype(np.int32), np.ones(n, bool))
                 for n in rng.integers(50, 700, 40)]
     plan = BatchPlan(examples, 2, 1024, pack=True, seed=0)
     widths = set()

@@ -23,7 +23,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lorakit.cli.app import app
-from lorakit.engine.distributed import World, check_batch_size, check_resume_world, lost_rank_errors
+from lorakit.engine.model.distributed import World, check_batch_size, check_resume_world, lost_rank_errors
 from lorakit.errors import RunError, UserError
 
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
@@ -133,7 +133,7 @@ def test_backend_failure_becomes_a_run_error_only_when_distributed():
 
 def test_watchdog_ends_a_stuck_process_with_a_message():
     code = ("import time, lorakit.engine\n"
-            "from lorakit.engine.distributed import World, watchdog\n"
+            "from lorakit.engine.model.distributed import World, watchdog\n"
             "with watchdog(World(None, 1, 2), 1.0) as beat:\n"
             "    beat(); time.sleep(30)\n")
     start = time.monotonic()
@@ -151,7 +151,7 @@ def test_ring_sums_and_averages_across_two_processes(tmp_path):
     script = tmp_path / "sums.py"
     script.write_text(
         "import lorakit.engine\nimport mlx.core as mx\n"
-        "from lorakit.engine.distributed import check_same, world\n"
+        "from lorakit.engine.model.distributed import check_same, world\n"
         "from lorakit.errors import UserError\n"
         "w = world()\n"
         "grads = w.average_gradients({'a': mx.full((3,), float(w.rank + 1)), 'b': [mx.array([2.0 * w.rank])]})\n"

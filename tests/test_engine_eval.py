@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from lorakit.engine import eval as ev
-from lorakit.engine.batching import BatchPlan
-from lorakit.engine.formats import judge_messages
-from lorakit.engine.losses import batch_loss, loss_head
-from lorakit.engine.models import load_model
+from lorakit.engine.data.batching import BatchPlan
+from lorakit.engine.data.formats import judge_messages
+from lorakit.engine.model.loading import load_model
+from lorakit.engine.model.losses import batch_loss, loss_head
 from lorakit.engine.reporter import RecordingReporter, Reporter
 from lorakit.errors import UserError
 from lorakit.settings import EvalSettings, TrainSettings
@@ -64,7 +64,7 @@ def adapter_dir(tiny_model, tmp_path_factory):
     """A LoRA adapter on the tiny model with non-zero B (so it changes the outputs)."""
     from mlx.utils import tree_flatten
 
-    from lorakit.engine.adapters import adapter_config, apply_adapters, save_adapter
+    from lorakit.engine.model.adapters import adapter_config, apply_adapters, save_adapter
 
     settings = TrainSettings(model=str(tiny_model), data=Path("unused"), lora_rank=4)
     loaded = load_model(settings)

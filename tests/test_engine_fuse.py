@@ -7,9 +7,9 @@ import pytest
 from mlx.utils import tree_flatten
 
 from lorakit.engine import fuse
-from lorakit.engine.adapters import load_adapter
-from lorakit.engine.hf_export import unpermute_rows
-from lorakit.engine.models import load_model
+from lorakit.engine.export.hf_export import unpermute_rows
+from lorakit.engine.model.adapters import load_adapter
+from lorakit.engine.model.loading import load_model
 from lorakit.engine.reporter import RecordingReporter
 from lorakit.errors import RunError, UserError
 from lorakit.settings import FuseSettings

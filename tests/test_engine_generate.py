@@ -10,8 +10,9 @@ import pytest
 from mlx_lm.tuner.lora import LoRALinear
 
 from lorakit.engine import generate as g
-from lorakit.engine.adapters import adapter_config, apply_adapters, save_adapter
-from lorakit.engine.models import load_model
+from lorakit.engine.model import generation as gen
+from lorakit.engine.model.adapters import adapter_config, apply_adapters, save_adapter
+from lorakit.engine.model.loading import load_model
 from lorakit.engine.reporter import RecordingReporter
 from lorakit.errors import UserError
 from lorakit.settings import GenerateSettings, TrainSettings
@@ -49,36 +50,36 @@ def settings(model: Path, **kw) -> GenerateSettings:
     return GenerateSettings(model=str(model), **kw)
 
 
-def greedy(**kw) -> g.Sampling:
-    return g.make_sampling(GenerateSettings(model="m", **kw))
+def greedy(**kw) -> gen.Sampling:
+    return gen.make_sampling(GenerateSettings(model="m", **kw))
 
 
 def test_build_prompt_applies_chat_template_and_system(loaded):
     tok = loaded.tokenizer
-    chat = tok.decode(g.build_prompt(tok, "hi", system="Be brief."))
+    chat = tok.decode(gen.build_prompt(tok, "hi", system="Be brief."))
     assert chat == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
                     "<|im_start|>assistant\n")
-    assert tok.decode(g.build_prompt(tok, "hi", chat_template=False)) == "hi"
+    assert tok.decode(gen.build_prompt(tok, "hi", chat_template=False)) == "hi"
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hel"}]
-    assert tok.decode(g.build_prompt(tok, messages)).endswith("<|im_start|>assistant\nHel")  # continued
+    assert tok.decode(gen.build_prompt(tok, messages)).endswith("<|im_start|>assistant\nHel")  # continued
     with pytest.raises(UserError, match="needs a chat template"):
-        g.build_prompt(tok, messages, chat_template=False)
+        gen.build_prompt(tok, messages, chat_template=False)
     with pytest.raises(UserError, match=r"messages\[0\]"):
-        g.build_prompt(tok, [{"role": "user"}])
+        gen.build_prompt(tok, [{"role": "user"}])
 
 
 def test_greedy_is_deterministic_and_prompt_dependent(loaded):
-    tokens = [g.build_prompt(loaded.tokenizer, p) for p in PROMPTS[:2]]
-    a, b = (g.generate_one(loaded.model, loaded.tokenizer, tokens[0], greedy(), 16) for _ in range(2))
+    tokens = [gen.build_prompt(loaded.tokenizer, p) for p in PROMPTS[:2]]
+    a, b = (gen.generate_one(loaded.model, loaded.tokenizer, tokens[0], greedy(), 16) for _ in range(2))
     assert a.text == b.text and a.finish_reason == "length" and a.generation_tokens == 16
     assert a.prompt_tokens == len(tokens[0]) and a.generation_tps > 0 and a.peak_memory > 0
-    assert g.generate_one(loaded.model, loaded.tokenizer, tokens[1], greedy(), 16).text != a.text
+    assert gen.generate_one(loaded.model, loaded.tokenizer, tokens[1], greedy(), 16).text != a.text
 
 
 def test_sampling_is_deterministic_for_a_seed(loaded):
-    tokens = g.build_prompt(loaded.tokenizer, PROMPTS[0])
+    tokens = gen.build_prompt(loaded.tokenizer, PROMPTS[0])
     sampling = greedy(temp=1.0, top_p=0.95, top_k=100, min_p=0.01, repetition_penalty=1.1)
-    texts = [g.generate_one(loaded.model, loaded.tokenizer, tokens, sampling, 24, seed=s).text
+    texts = [gen.generate_one(loaded.model, loaded.tokenizer, tokens, sampling, 24, seed=s).text
              for s in (7, 7, 8, 9)]
     assert texts[0] == texts[1]
     assert texts[0] != texts[2] or texts[0] != texts[3]
@@ -86,18 +87,18 @@ def test_sampling_is_deterministic_for_a_seed(loaded):
 
 def test_streamed_pieces_make_the_text(loaded):
     pieces: list[str] = []
-    tokens = g.build_prompt(loaded.tokenizer, PROMPTS[0])
-    out = g.generate_one(loaded.model, loaded.tokenizer, tokens, greedy(), 20, on_text=pieces.append)
+    tokens = gen.build_prompt(loaded.tokenizer, PROMPTS[0])
+    out = gen.generate_one(loaded.model, loaded.tokenizer, tokens, greedy(), 20, on_text=pieces.append)
     assert len(pieces) > 1 and "".join(pieces) == out.text
 
 
 def test_stop_strings_cut_the_text(loaded):
-    tokens = g.build_prompt(loaded.tokenizer, PROMPTS[2])
-    full = g.generate_one(loaded.model, loaded.tokenizer, tokens, greedy(), 40).text
+    tokens = gen.build_prompt(loaded.tokenizer, PROMPTS[2])
+    full = gen.generate_one(loaded.model, loaded.tokenizer, tokens, greedy(), 40).text
     stop = full[6:9]
     assert stop and stop in full
     pieces: list[str] = []
-    cut = g.generate_one(loaded.model, loaded.tokenizer, tokens, greedy(), 40, stop=[stop, "never-said"],
+    cut = gen.generate_one(loaded.model, loaded.tokenizer, tokens, greedy(), 40, stop=[stop, "never-said"],
                          on_text=pieces.append)
     assert cut.text == full[:full.index(stop)]
     assert "".join(pieces) == cut.text  # nothing of the stop string was streamed
@@ -115,22 +116,22 @@ def _force_eos_after(n_prompt: int, n: int, eos: int):
 def test_end_of_sequence_ends_the_answer_and_is_not_text(loaded):
     tok = loaded.tokenizer
     eos = next(iter(tok.eos_token_ids))
-    tokens = g.build_prompt(tok, PROMPTS[0])
-    sampling = g.Sampling(greedy().sampler, [_force_eos_after(len(tokens), 3, eos)])
-    one = g.generate_one(loaded.model, tok, tokens, sampling, 40)
+    tokens = gen.build_prompt(tok, PROMPTS[0])
+    sampling = gen.Sampling(greedy().sampler, [_force_eos_after(len(tokens), 3, eos)])
+    one = gen.generate_one(loaded.model, tok, tokens, sampling, 40)
     assert one.finish_reason == "stop" and "<|im_end|>" not in one.text
-    assert one.text == g.generate_one(loaded.model, tok, tokens, greedy(), 3).text
-    batch = g.generate_batch(loaded.model, tok, [tokens, tokens], sampling, 40)
+    assert one.text == gen.generate_one(loaded.model, tok, tokens, greedy(), 3).text
+    batch = gen.generate_batch(loaded.model, tok, [tokens, tokens], sampling, 40)
     assert [b.text for b in batch] == [one.text] * 2 and batch[0].finish_reason == "stop"
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 8])  # 1: the one-by-one path
 def test_batched_equals_one_by_one_for_greedy(loaded, batch_size):
-    tokens = [g.build_prompt(loaded.tokenizer, p) for p in PROMPTS]
+    tokens = [gen.build_prompt(loaded.tokenizer, p) for p in PROMPTS]
     stop = ["capital", "Ver"]
-    one = [g.generate_one(loaded.model, loaded.tokenizer, t, greedy(), 30, stop=stop) for t in tokens]
+    one = [gen.generate_one(loaded.model, loaded.tokenizer, t, greedy(), 30, stop=stop) for t in tokens]
     done: list[int] = []
-    batch = g.generate_batch(loaded.model, loaded.tokenizer, tokens, greedy(), 30, stop=stop,
+    batch = gen.generate_batch(loaded.model, loaded.tokenizer, tokens, greedy(), 30, stop=stop,
                              batch_size=batch_size, on_result=done.append)
     assert [b.text for b in batch] == [o.text for o in one]
     assert [b.finish_reason for b in batch] == [o.finish_reason for o in one]
@@ -220,16 +221,16 @@ def test_adapter_changes_answers_and_compare_base_shows_both(untied_model, tmp_p
 def test_base_model_switches_lora_off_and_back(untied_model, tmp_path):
     adapter = make_adapter(untied_model, tmp_path / "adapter")
     plain = load_model(GenerateSettings(model=str(untied_model)))
-    tokens = g.build_prompt(plain.tokenizer, PROMPTS[3])
-    base_text = g.generate_one(plain.model, plain.tokenizer, tokens, greedy(), 16).text
-    from lorakit.engine.adapters import load_adapter
+    tokens = gen.build_prompt(plain.tokenizer, PROMPTS[3])
+    base_text = gen.generate_one(plain.model, plain.tokenizer, tokens, greedy(), 16).text
+    from lorakit.engine.model.adapters import load_adapter
 
     load_adapter(plain, adapter)
-    tuned_text = g.generate_one(plain.model, plain.tokenizer, tokens, greedy(), 16).text
-    with g.base_model(plain.model) as switched:
+    tuned_text = gen.generate_one(plain.model, plain.tokenizer, tokens, greedy(), 16).text
+    with gen.base_model(plain.model) as switched:
         assert switched == 14  # 7 linear layers x 2 blocks
-        assert g.generate_one(plain.model, plain.tokenizer, tokens, greedy(), 16).text == base_text
-    assert g.generate_one(plain.model, plain.tokenizer, tokens, greedy(), 16).text == tuned_text != base_text
+        assert gen.generate_one(plain.model, plain.tokenizer, tokens, greedy(), 16).text == base_text
+    assert gen.generate_one(plain.model, plain.tokenizer, tokens, greedy(), 16).text == tuned_text != base_text
 
 
 def test_adapter_best_dir_is_used_and_other_base_refused(untied_model, tmp_path):

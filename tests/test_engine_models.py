@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from lorakit import blas
-from lorakit.engine.models import load_model, resolve_model_path
+from lorakit.engine.model.loading import load_model, resolve_model_path
 from lorakit.errors import UserError
 
 

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from lorakit.engine.formats import JUDGE_PROMPT
+from lorakit.engine.data.formats import JUDGE_PROMPT
+from lorakit.engine.data.split import assign
 from lorakit.engine.prepare import run
 from lorakit.engine.reporter import RecordingReporter
-from lorakit.engine.split import assign
 from lorakit.errors import UserError
 from lorakit.settings import PrepareSettings
 

@@ -8,12 +8,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from lorakit.engine import checkpoint as ckpt
 from lorakit.engine import train
-from lorakit.engine.batching import BatchPlan
-from lorakit.engine.data import load_split
-from lorakit.engine.losses import batch_loss, loss_head
-from lorakit.engine.models import load_model
+from lorakit.engine.data.batching import BatchPlan
+from lorakit.engine.data.tokenized import load_split
+from lorakit.engine.model import checkpoint as ckpt
+from lorakit.engine.model.loading import load_model
+from lorakit.engine.model.losses import batch_loss, loss_head
 from lorakit.engine.reporter import RecordingReporter
 from lorakit.errors import RunError, UserError
 from lorakit.settings import TrainSettings

@@ -14,8 +14,8 @@ from gguf import quants
 from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model as mlx_load_model
 
-from lorakit.engine.gguf_import import convert_gguf
-from lorakit.engine.models import load_model
+from lorakit.engine.export.gguf_import import convert_gguf
+from lorakit.engine.model.loading import load_model
 from lorakit.engine.reporter import RecordingReporter
 from lorakit.errors import UserError
 
@@ -211,7 +211,7 @@ def test_second_load_uses_the_cache(gguf_dir):
 
 
 def test_failed_conversion_leaves_no_cache(gguf_dir, tiny_model, tmp_path, monkeypatch):
-    import lorakit.engine.gguf_import as gi
+    import lorakit.engine.export.gguf_import as gi
 
     path = write_gguf(tmp_path / "crash.gguf", tiny_model, tokenizer="llama")  # content not converted before
 

@@ -9,8 +9,8 @@ import pytest
 from tokenizers import Tokenizer
 
 from lorakit.engine import fuse
-from lorakit.engine.gguf_export import check_exportable
-from lorakit.engine.hf_export import permute_rows, qk_heads
+from lorakit.engine.export.gguf_export import check_exportable
+from lorakit.engine.export.hf_export import permute_rows, qk_heads
 from lorakit.engine.reporter import RecordingReporter
 from lorakit.errors import UserError
 from lorakit.settings import FuseSettings
@@ -155,7 +155,7 @@ def test_transformers_reads_the_gguf_like_the_fused_model(case, exports):
 
 @pytest.mark.parametrize("case", ["f16", "q8_0"])
 def test_lorakit_loads_its_own_gguf(case, exports):
-    from lorakit.engine.models import load_model
+    from lorakit.engine.model.loading import load_model
 
     directory, path = exports[case]
     ours, ids = mlx_logits(directory)

@@ -2,15 +2,14 @@
 
 import pytest
 
-from lorakit.engine.metrics import (
+from lorakit.engine.data.verdicts import parse_verdict, swap_verdict
+from lorakit.engine.scoring.metrics import (
     LabelExtractor,
     contains,
     exact_match,
     judge_metrics,
     label_metrics,
     normalize,
-    parse_verdict,
-    swap_verdict,
     text_metrics,
     text_scores,
     token_f1,

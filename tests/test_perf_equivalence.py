@@ -1,7 +1,7 @@
 """Speed must never change results: the optimised loss path matches the straightforward one on the tiny model.
 
 Optimised: hidden states projected onto the vocabulary only at loss-bearing positions, in chunks, with the
-cross-entropy gradient computed on the way (lorakit.engine.losses). Straightforward: full logits from
+cross-entropy gradient computed on the way (lorakit.engine.model.losses). Straightforward: full logits from
 model(inputs), plain masked cross-entropy, autodiff.
 """
 
@@ -14,10 +14,10 @@ from mlx import nn
 from mlx.utils import tree_flatten
 
 import lorakit.engine  # noqa: F401  (OpenBLAS before mlx)
-from lorakit.engine import losses
 from lorakit.engine import train as train_engine
-from lorakit.engine.batching import BatchPlan
-from lorakit.engine.data import Example
+from lorakit.engine.data.batching import BatchPlan
+from lorakit.engine.data.tokenized import TokenizedExample
+from lorakit.engine.model import losses
 from lorakit.engine.reporter import Reporter
 from lorakit.settings import TrainSettings
 
@@ -51,7 +51,7 @@ def _examples(n, masked, seed=0):
         tokens = rng.integers(3, 380, size=length).astype(np.int32)
         mask = np.zeros(length, bool)
         mask[length - int(rng.integers(5, 30)) if masked else 1:] = True  # masked: a short completion
-        out.append(Example(tokens, mask))
+        out.append(TokenizedExample(tokens, mask))
     return out
 
 

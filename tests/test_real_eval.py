@@ -18,7 +18,7 @@ pytestmark = pytest.mark.real_model
 @pytest.fixture(scope="module")
 def judge_split(tmp_path_factory):
     """Three judge records of the sample set (one of each verdict) as a split, the way prepare writes it."""
-    from lorakit.engine.formats import convert
+    from lorakit.engine.data.formats import convert
 
     picked: dict[str, list[dict]] = {"A": [], "B": [], "tie": []}
     for line in SAMPLE.read_text().splitlines():

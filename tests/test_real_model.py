@@ -11,8 +11,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from lorakit.engine.gguf_import import convert_gguf
-from lorakit.engine.models import load_model
+from lorakit.engine.export.gguf_import import convert_gguf
+from lorakit.engine.model.loading import load_model
 
 pytestmark = pytest.mark.real_model
 

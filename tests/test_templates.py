@@ -1,6 +1,6 @@
 import pytest
 
-from lorakit.engine.templates import BUILTIN_TEMPLATES, FAMILY_TOKENS, get_template, render
+from lorakit.engine.data.templates import BUILTIN_TEMPLATES, FAMILY_TOKENS, get_template, render
 from lorakit.errors import UserError
 
 CHATS = [

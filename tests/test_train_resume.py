@@ -5,8 +5,8 @@ import json
 import mlx.core as mx
 import pytest
 
-from lorakit.engine import checkpoint as ckpt
 from lorakit.engine import train
+from lorakit.engine.model import checkpoint as ckpt
 from lorakit.engine.reporter import RecordingReporter
 from lorakit.errors import Interrupted, UserError
 from lorakit.settings import TrainSettings

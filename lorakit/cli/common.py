@@ -63,7 +63,7 @@ def _sigterm_as_interrupt(signum, frame):  # SIGTERM takes the same path as Ctrl
 
 
 def _is_main_rank() -> bool:
-    from lorakit.engine.distributed import world
+    from lorakit.engine.model.distributed import world
 
     return world().is_main
 

@@ -2,11 +2,11 @@
 
 For each evaluated model ("base" and/or "adapter"):
   loss        token-weighted cross-entropy and perplexity over the split's loss-bearing tokens, with the
-              same tokenisation and masks as training (lorakit.engine.data / batching / losses)
+              same tokenisation and masks as training (lorakit.engine.data.tokenized / batching / losses)
   generation  (--generate) the prompt (everything before the last assistant turn) is completed and scored
               against that turn: exact match, contains, token F1, and labels (--label-pattern / --labels)
   judge       (--judge) every judge record asked as given and with answers A and B swapped: verdict
-              accuracy, position consistency, agreement and A/B/tie bias (see lorakit.engine.metrics)
+              accuracy, position consistency, agreement and A/B/tie bias (see lorakit.engine.scoring.metrics)
 
 --compare-base loads the model once: the adapter is applied, and the base is evaluated with the LoRA layers
 switched off (lorakit.engine.generate.base_model). Outputs go to --out: eval.json (the EvalResult) and
@@ -28,15 +28,16 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 
-from lorakit.engine import metrics
-from lorakit.engine.adapters import ADAPTER_FILE, load_adapter, read_adapter_config, resolve_adapter_dir
-from lorakit.engine.batching import Batch, BatchPlan
-from lorakit.engine.data import Example, load_split, split_path
-from lorakit.engine.generate import base_model, build_prompt, generate_batch, make_sampling
-from lorakit.engine.judge import JudgeItem, JudgePrompt, judge_item
-from lorakit.engine.losses import loss_head, token_losses
-from lorakit.engine.models import LoadedModel, load_model
+from lorakit.engine.data.batching import Batch, BatchPlan
+from lorakit.engine.data.tokenized import TokenizedExample, load_split, split_path
+from lorakit.engine.data.verdicts import VERDICTS, swap_verdict
+from lorakit.engine.model.adapters import ADAPTER_FILE, load_adapter, read_adapter_config, resolve_adapter_dir
+from lorakit.engine.model.generation import base_model, build_prompt, generate_batch, make_sampling
+from lorakit.engine.model.loading import LoadedModel, load_model
+from lorakit.engine.model.losses import loss_head, token_losses
 from lorakit.engine.reporter import Reporter
+from lorakit.engine.scoring import metrics
+from lorakit.engine.scoring.judge import JudgeItem, JudgePrompt, judge_item
 from lorakit.errors import UserError
 from lorakit.io import (
     ensure_new_dir,
@@ -48,8 +49,6 @@ from lorakit.io import (
     write_jsonl,
 )
 from lorakit.settings import EvalSettings, settings_dict
-
-JUDGE_LABELS = list(metrics.VERDICTS)
 
 
 @dataclass
@@ -184,7 +183,7 @@ def row_losses(model: nn.Module, batch: Batch, head: str | None) -> tuple[np.nda
     return np.array(sums), np.array(counts)
 
 
-def example_losses(model: nn.Module, examples: list[Example], settings: EvalSettings, reporter: Reporter,
+def example_losses(model: nn.Module, examples: list[TokenizedExample], settings: EvalSettings, reporter: Reporter,
                    label: str) -> tuple[np.ndarray, np.ndarray]:
     """Loss sum and loss-token count of every example, batched by length (the order of `examples` kept)."""
     plan = BatchPlan(examples, settings.batch_size, settings.max_seq_length, pack=False, shuffle=False)
@@ -210,7 +209,7 @@ def loss_metrics(sums: np.ndarray, counts: np.ndarray) -> dict[str, float]:
 
 
 def loss_examples(settings: EvalSettings, loaded: LoadedModel, records: list[Record], n_rows: int,
-                  reporter: Reporter) -> list[Example]:
+                  reporter: Reporter) -> list[TokenizedExample]:
     """The tokenised, masked examples of the chosen records (via data.load_split, as training reads them)."""
     split = load_split(settings.data, settings.split, loaded.tokenizer, settings.train_on, settings.max_seq_length,
                        reporter)
@@ -276,15 +275,15 @@ def judge_results(items: list[JudgeItem], original: list[str], swapped: list[str
     for it, out, out_s, v, v_s in zip(items, original, swapped, verdicts, verdicts_swapped):
         rows.append({"judge_output": out, "judge_label": v, "judge_correct": v == it.verdict,
                      "judge_output_swapped": out_s, "judge_label_swapped": v_s,
-                     "judge_correct_swapped": v_s == metrics.swap_verdict(it.verdict),
-                     "judge_consistent": v is not None and v_s == metrics.swap_verdict(v)})
+                     "judge_correct_swapped": v_s == swap_verdict(it.verdict),
+                     "judge_consistent": v is not None and v_s == swap_verdict(v)})
     return result, rows
 
 
 # ---- one model ----------------------------------------------------------------------------------------------
 
 def evaluate(name: str, loaded: LoadedModel, settings: EvalSettings, records: list[Record],
-             examples: list[Example], template: JudgePrompt | None, reporter: Reporter,
+             examples: list[TokenizedExample], template: JudgePrompt | None, reporter: Reporter,
              timings: dict[str, float]) -> tuple[dict, list[dict]]:
     """All requested metrics for the model as it stands now; returns (metrics, prediction rows)."""
     rows: list[dict[str, Any]] = [{"model": name, "index": r.index, "line": r.line} for r in records]
@@ -314,7 +313,7 @@ def evaluate(name: str, loaded: LoadedModel, settings: EvalSettings, records: li
         prompts = [_prompt_tokens(loaded, template.messages(it), f"{settings.data}/{settings.split}.jsonl:{it.line}")
                    for it in asked]
         outputs = _generate(loaded, prompts, settings, reporter, f"judge ({name})")
-        extractor = metrics.LabelExtractor(settings.label_pattern, JUDGE_LABELS, settings.ignore_case)
+        extractor = metrics.LabelExtractor(settings.label_pattern, list(VERDICTS), settings.ignore_case)
         result["judge"], judge_rows = judge_results(items, outputs[:len(items)], outputs[len(items):], extractor)
         result["judge"]["template"] = template.source
         for row, it, jr in zip(rows, items, judge_rows):

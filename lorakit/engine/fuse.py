@@ -17,10 +17,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from lorakit.engine.adapters import load_adapter, read_adapter_config, resolve_adapter_dir
-from lorakit.engine.gguf_export import GgufExport, check_exportable, export_gguf
-from lorakit.engine.hf_export import has_gguf_layout, hf_config, to_hf_rows
-from lorakit.engine.models import LoadedModel, load_model
+from lorakit.engine.export.gguf_export import GgufExport, check_exportable, export_gguf
+from lorakit.engine.export.hf_export import has_gguf_layout, hf_config, to_hf_rows
+from lorakit.engine.model.adapters import load_adapter, read_adapter_config, resolve_adapter_dir
+from lorakit.engine.model.loading import LoadedModel, load_model
 from lorakit.engine.reporter import Reporter
 from lorakit.errors import RunError, UserError
 from lorakit.io import atomic_path, ensure_new_dir, replace_dir, staging_dir, write_json

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from lorakit import __version__
-from lorakit.engine import split as splitting
-from lorakit.engine.formats import Example, apply_field_map, convert, detect, parse_field_map
+from lorakit.engine.data import split as splitting
+from lorakit.engine.data.formats import NormalizedRecord, apply_field_map, convert, detect, parse_field_map
+from lorakit.engine.data.templates import BUILTIN_TEMPLATES, FAMILY_TOKENS, get_template, render
+from lorakit.engine.data.validate import RecordError
 from lorakit.engine.reporter import Reporter
-from lorakit.engine.templates import BUILTIN_TEMPLATES, FAMILY_TOKENS, get_template, render
-from lorakit.engine.validate import RecordError
 from lorakit.errors import UserError
 from lorakit.io import ensure_new_dir, replace_dir, sha256_file, staging_dir
 from lorakit.settings import PrepareSettings, save_settings, settings_dict
@@ -49,7 +49,7 @@ class Item:
 
     file: str
     line: int
-    example: Example
+    example: NormalizedRecord
     key: bytes  # identity after whitespace normalisation (duplicates)
     prompt_key: bytes  # the conversation without its final reply (cross-split leaks)
     chars: int
@@ -271,7 +271,7 @@ def _field(record: dict[str, Any], name: str, flag: str) -> str:
     return str(value)
 
 
-def _keys(example: Example) -> tuple[bytes, bytes]:
+def _keys(example: NormalizedRecord) -> tuple[bytes, bytes]:
     """(identity, prompt identity): hashes of the example and of all but its final turn, with runs of
     whitespace collapsed; one pass, no quadratic work."""
     h = hashlib.blake2b(digest_size=16)
@@ -312,7 +312,7 @@ def _tokenization(settings: PrepareSettings, reporter: Reporter) -> Tokenization
 def _load_tokenizer(settings: PrepareSettings, reporter: Reporter) -> Any:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    from lorakit.engine.models import resolve_model_path
+    from lorakit.engine.model.loading import resolve_model_path
 
     if settings.model:
         flag, given = "--model", settings.model
@@ -321,7 +321,7 @@ def _load_tokenizer(settings: PrepareSettings, reporter: Reporter) -> Any:
         flag, given = "--tokenizer", settings.tokenizer
         path = Path(settings.tokenizer).expanduser()
         if path.suffix == ".gguf" and path.is_file():
-            from lorakit.engine.gguf_import import convert_gguf
+            from lorakit.engine.export.gguf_import import convert_gguf
 
             path = convert_gguf(path)
         elif not path.exists():
@@ -380,7 +380,7 @@ def _render_and_count(items: list[Item], problems: list[Problem], settings: Prep
     reporter.finish()
 
 
-def _record_of(example: Example) -> dict[str, Any]:
+def _record_of(example: NormalizedRecord) -> dict[str, Any]:
     return {"text": example.text} if example.messages is None else {"messages": example.messages}
 
 

@@ -25,15 +25,15 @@ from mlx import nn
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.tuner.lora import LoRALinear
 
-from lorakit.engine import checkpoint as ckpt
-from lorakit.engine import distributed as dist
-from lorakit.engine.adapters import ADAPTER_FILE, adapter_config, apply_adapters, save_adapter
-from lorakit.engine.batching import BatchPlan
-from lorakit.engine.data import Split, load_split, split_path
-from lorakit.engine.loss_curve import write_loss_curve
-from lorakit.engine.losses import batch_loss, loss_head
-from lorakit.engine.models import load_model
+from lorakit.engine.data.batching import BatchPlan
+from lorakit.engine.data.tokenized import Split, load_split, split_path
+from lorakit.engine.model import checkpoint as ckpt
+from lorakit.engine.model import distributed as dist
+from lorakit.engine.model.adapters import ADAPTER_FILE, adapter_config, apply_adapters, save_adapter
+from lorakit.engine.model.loading import load_model
+from lorakit.engine.model.losses import batch_loss, loss_head
 from lorakit.engine.reporter import Reporter
+from lorakit.engine.training.loss_curve import write_loss_curve
 from lorakit.errors import Interrupted, RunError, UserError
 from lorakit.io import sha256_file, write_json
 from lorakit.settings import TrainSettings, save_settings

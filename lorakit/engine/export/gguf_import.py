@@ -18,7 +18,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from lorakit.engine.gguf_tokenizer import build_tokenizer
+from lorakit.engine.export.gguf_tokenizer import build_tokenizer
 from lorakit.engine.reporter import Reporter
 from lorakit.errors import UserError
 from lorakit.io import cache_dir, replace_dir, sha256_file, staging_dir, write_json, write_text

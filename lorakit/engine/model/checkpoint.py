@@ -27,7 +27,7 @@ import mlx.optimizers as optim
 from mlx import nn
 from mlx.utils import tree_flatten
 
-from lorakit.engine.adapters import ADAPTER_FILE, save_adapter
+from lorakit.engine.model.adapters import ADAPTER_FILE, save_adapter
 from lorakit.engine.reporter import Reporter
 from lorakit.errors import UserError
 from lorakit.io import read_json, replace_dir, sha256_file, staging_dir, write_json

@@ -4,9 +4,9 @@ Public API (train and eval share it):
 
     load_split(data_dir, split, tokenizer, train_on, max_seq_length, reporter, cache_dir=None) -> Split
 
-`Split.examples` is a list of `Example(tokens, mask)`: `tokens` (int32) are the whole rendered example,
+`Split.examples` is a list of `TokenizedExample(tokens, mask)`: `tokens` (int32) are the whole rendered example,
 `mask[i]` (bool) says whether token i is a *target* that carries loss (it is predicted from tokens[:i]).
-`mask[0]` is always False, padding never exists inside an Example, and an example with no loss-bearing
+`mask[0]` is always False, padding never exists inside an TokenizedExample, and an example with no loss-bearing
 token left after truncation is dropped (and counted).
 
 Record formats (detected per split from the first record, like mlx-lm):
@@ -51,7 +51,7 @@ FORMATS = ("chat", "completions", "text")
 
 
 @dataclass
-class Example:
+class TokenizedExample:
     tokens: np.ndarray  # int32, the rendered example
     mask: np.ndarray  # bool, True where the token is a loss target
 
@@ -69,7 +69,7 @@ class Split:
     path: Path
     format: str
     train_on: str
-    examples: list[Example]
+    examples: list[TokenizedExample]
     truncated: int  # examples cut to max_seq_length
     dropped: int  # examples left without any loss token (after truncation)
 
@@ -157,7 +157,7 @@ class _Renderer:
         return self.tokenizer.apply_chat_template(messages, tokenize=False,
                                                   add_generation_prompt=generation_prompt, **kwargs)
 
-    def example(self, record: dict, lineno: int) -> Example:
+    def example(self, record: dict, lineno: int) -> TokenizedExample:
         where = f"{self.path}:{lineno}"
         if self.fmt == "text":
             return self._text(record, where)
@@ -175,7 +175,7 @@ class _Renderer:
             raise UserError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
         return self._chat(messages, record.get("tools"), where)
 
-    def _text(self, record: dict, where: str) -> Example:
+    def _text(self, record: dict, where: str) -> TokenizedExample:
         text = record.get("text")
         if not isinstance(text, str) or not text:
             raise UserError(f"{where}: 'text' must be a non-empty string")
@@ -184,12 +184,12 @@ class _Renderer:
             tokens.append(self.tokenizer.eos_token_id)
         return _example(tokens, [True] * len(tokens))
 
-    def _plain_completion(self, prompt: str, completion: str) -> Example:
+    def _plain_completion(self, prompt: str, completion: str) -> TokenizedExample:
         tokens, offsets = _encode_with_offsets(self.tokenizer, prompt + completion)
         mask = [self.train_on == "all" or start >= len(prompt) for start, _ in offsets]
         return _example(tokens + [self.tokenizer.eos_token_id], mask + [True])
 
-    def _chat(self, messages: list[dict], tools: Any, where: str) -> Example:
+    def _chat(self, messages: list[dict], tools: Any, where: str) -> TokenizedExample:
         if not self.has_template:
             raise UserError(f"{where}: chat records need a chat template, and this tokenizer has none; "
                             "render the data with `lorakit prepare --format text --template NAME`")
@@ -242,10 +242,10 @@ class _Renderer:
         return start, start + _common_prefix(full[start:], piece)
 
 
-def _example(tokens: list[int], mask: list[bool]) -> Example:
+def _example(tokens: list[int], mask: list[bool]) -> TokenizedExample:
     mask_arr = np.array(mask, dtype=bool)
     mask_arr[0] = False  # nothing predicts the first token (and packing relies on it)
-    return Example(np.array(tokens, dtype=np.int32), mask_arr)
+    return TokenizedExample(np.array(tokens, dtype=np.int32), mask_arr)
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -294,7 +294,7 @@ def _load_cache(file: Path, path: Path) -> Split | None:
             tokens, mask = z["tokens"], z["mask"]
     except (OSError, ValueError, KeyError):
         return None  # a damaged cache entry is rebuilt
-    examples = [Example(tokens[a:b], mask[a:b]) for a, b in pairwise(bounds)]
+    examples = [TokenizedExample(tokens[a:b], mask[a:b]) for a, b in pairwise(bounds)]
     return Split(path, info["format"], info["train_on"], examples, info["truncated"], info["dropped"])
 
 
@@ -315,7 +315,7 @@ def load_split(data_dir: Path, split: str, tokenizer: Any, train_on: str, max_se
     fmt = detect_format(records[0][1], f"{path}:{records[0][0]}")
     effective = resolve_train_on(train_on, fmt, str(path))
     renderer = _Renderer(tokenizer, fmt, effective, path, reporter)
-    examples: list[Example] = []
+    examples: list[TokenizedExample] = []
     truncated = dropped = 0
     reporter.start(f"tokenising {split}", total=len(records))
     for lineno, record in records:
@@ -325,7 +325,7 @@ def load_split(data_dir: Path, split: str, tokenizer: Any, train_on: str, max_se
         ex = renderer.example(record, lineno)
         if ex.length > max_seq_length:
             truncated += 1
-            ex = Example(ex.tokens[:max_seq_length], ex.mask[:max_seq_length])
+            ex = TokenizedExample(ex.tokens[:max_seq_length], ex.mask[:max_seq_length])
         if ex.loss_tokens == 0:
             dropped += 1
         else:

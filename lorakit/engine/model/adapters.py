@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from lorakit.engine.models import LoadedModel, base_signature
+from lorakit.engine.model.loading import LoadedModel, base_signature
 from lorakit.engine.reporter import Reporter
 from lorakit.errors import UserError
 from lorakit.io import atomic_path, write_json

@@ -51,7 +51,7 @@ def resolve_model_path(name: str, revision: str | None = None, reporter: Reporte
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise UserError(f"--model {name}: GGUF file not found")
-        from lorakit.engine.gguf_import import convert_gguf
+        from lorakit.engine.export.gguf_import import convert_gguf
 
         return convert_gguf(path, reporter), "gguf"
     if path.exists():

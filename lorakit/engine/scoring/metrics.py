@@ -34,9 +34,9 @@ import string
 from collections import Counter
 from collections.abc import Sequence
 
+from lorakit.engine.data.verdicts import VERDICTS, swap_verdict
+
 UNPARSEABLE = "unparseable"
-VERDICTS = ("A", "B", "tie")
-_SWAP = {"A": "B", "B": "A", "tie": "tie"}
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
 _MARKER = r"\b(?:final\s+answer|verdict|label|answer)\W{0,3}\s*[:=\-]\s*\W{0,3}"
@@ -157,18 +157,6 @@ def label_metrics(references: Sequence[str | None], predictions: Sequence[str | 
         "labels": labels,
         "confusion": confusion,
     }
-
-
-def swap_verdict(verdict: str | None) -> str | None:
-    """A<->B, tie stays tie, unparseable stays unparseable."""
-    return None if verdict is None else _SWAP[verdict]
-
-
-def parse_verdict(value: object) -> str | None:
-    """A reference verdict from a judge record: A, B or tie in any case (None when it is none of them)."""
-    if not isinstance(value, str):
-        return None
-    return {v.casefold(): v for v in VERDICTS}.get(value.strip().casefold())
 
 
 def judge_metrics(references: Sequence[str], original: Sequence[str | None], swapped: Sequence[str | None]) -> dict:

@@ -16,7 +16,7 @@ import gguf
 import mlx.core as mx
 import numpy as np
 
-from lorakit.engine.hf_export import permute_rows, qk_heads
+from lorakit.engine.export.hf_export import permute_rows, qk_heads
 from lorakit.engine.reporter import Reporter
 from lorakit.errors import UserError
 
@@ -188,7 +188,7 @@ def _byte_level_tokens(tokenizer_json: Path, vocab_size: int) -> tuple[list[str]
 
 def _pre_tokenizer_name(pre_tokenizer: dict | None, reporter: Reporter) -> str:
     """llama.cpp's `tokenizer.ggml.pre` name for the splitting regexes of a byte-level tokenizer.json."""
-    from lorakit.engine.gguf_tokenizer import GPT2_SPLIT, PRE_TOKENIZER_SPLITS
+    from lorakit.engine.export.gguf_tokenizer import GPT2_SPLIT, PRE_TOKENIZER_SPLITS
 
     steps = (pre_tokenizer or {}).get("pretokenizers") or ([pre_tokenizer] if pre_tokenizer else [])
     splits = []

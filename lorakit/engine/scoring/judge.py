@@ -3,7 +3,7 @@
 A split written by `lorakit prepare` from judge records keeps the raw fields (`question`, `answer_a`,
 `answer_b`, `reasoning`, `verdict`) next to the `messages` it trains on; a raw judge JSONL works too.
 
-The default prompt is `lorakit.engine.formats.judge_messages`, the very function prepare uses, so eval asks
+The default prompt is `lorakit.engine.data.formats.judge_messages`, the very function prepare uses, so eval asks
 exactly what training taught. `--judge-template FILE` replaces the user message's wording with a Jinja
 template over `question`, `answer_a` and `answer_b` (keep it equal to what the adapter was trained on).
 A system message at the start of the record's `messages` (prepare --system) is kept in both orders.
@@ -17,8 +17,8 @@ from pathlib import Path
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from lorakit.engine.formats import judge_messages
-from lorakit.engine.metrics import parse_verdict
+from lorakit.engine.data.formats import judge_messages
+from lorakit.engine.data.verdicts import parse_verdict
 from lorakit.errors import UserError
 
 FIELDS = ("question", "answer_a", "answer_b")
@@ -65,7 +65,7 @@ class JudgePrompt:
 
     def __init__(self, template_file: str | Path | None = None) -> None:
         self.template = None
-        self.source = "built-in (lorakit.engine.formats.judge_messages)"
+        self.source = "built-in (lorakit.engine.data.formats.judge_messages)"
         if template_file is not None:
             path = Path(template_file)
             try:

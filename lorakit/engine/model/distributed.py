@@ -126,7 +126,7 @@ def check_batch_size(batch_size: int, w: World) -> None:
 
 def check_resume_world(checkpoint: Path, w: World) -> None:
     """A checkpoint resumes only under the number of processes that wrote it (recorded in its trainer state)."""
-    from lorakit.engine.checkpoint import STATE_FILE
+    from lorakit.engine.model.checkpoint import STATE_FILE
 
     recorded = read_json(Path(checkpoint) / STATE_FILE).get("world_size") or 1
     if recorded != w.size:

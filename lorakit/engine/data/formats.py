@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lorakit.engine.validate import RecordError, check_conversation, check_text
+from lorakit.engine.data.validate import RecordError, check_conversation, check_text
+from lorakit.engine.data.verdicts import parse_verdict
 from lorakit.errors import UserError
 
 FORMATS = ("chat", "sharegpt", "completions", "alpaca", "text", "judge")
@@ -17,7 +18,6 @@ MESSAGE_FIELDS = ("role", "content", "from", "value")
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "tool": "tool"}
-VERDICTS = {"a": "A", "b": "B", "tie": "tie"}
 
 JUDGE_PROMPT = (
     "Compare the two answers to the question below. Explain which answer is better and why, then give your "
@@ -27,7 +27,7 @@ JUDGE_PROMPT = (
 
 
 @dataclass
-class Example:
+class NormalizedRecord:
     """One converted record: chat messages (with optional tools), or plain text."""
 
     fmt: str
@@ -95,12 +95,12 @@ def detect(record: dict[str, Any]) -> str:
                       "(rename fields with --field-map)")
 
 
-def convert(record: dict[str, Any], fmt: str, system: str | None = None) -> Example:
+def convert(record: dict[str, Any], fmt: str, system: str | None = None) -> NormalizedRecord:
     """Convert one record of format `fmt`; RecordError says what is wrong with it."""
     if fmt == "text":
         text = _string(record, "text")
         check_text(text)
-        return Example(fmt=fmt, text=text)
+        return NormalizedRecord(fmt=fmt, text=text)
     example = _CONVERTERS[fmt](record)
     if system is not None and example.messages[0].get("role") != "system":
         example.messages.insert(0, {"role": "system", "content": system})
@@ -119,7 +119,7 @@ def judge_messages(question: str, answer_a: str, answer_b: str, reasoning: str |
     return messages
 
 
-def _chat(record: dict[str, Any]) -> Example:
+def _chat(record: dict[str, Any]) -> NormalizedRecord:
     messages = record["messages"]
     if not isinstance(messages, list) or not messages:
         raise RecordError(f"'messages' must be a non-empty list of {{role, content}} objects, "
@@ -133,10 +133,10 @@ def _chat(record: dict[str, Any]) -> Example:
         if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system":
             raise RecordError("both a 'system' field and a leading system message; keep one")
         messages.insert(0, {"role": "system", "content": system})
-    return Example(fmt="chat", messages=messages, tools=tools or None)
+    return NormalizedRecord(fmt="chat", messages=messages, tools=tools or None)
 
 
-def _sharegpt(record: dict[str, Any]) -> Example:
+def _sharegpt(record: dict[str, Any]) -> NormalizedRecord:
     turns = record["conversations"]
     if not isinstance(turns, list) or not turns:
         raise RecordError(f"'conversations' must be a non-empty list of {{from, value}} objects, got {_type(turns)}")
@@ -151,33 +151,33 @@ def _sharegpt(record: dict[str, Any]) -> Example:
             raise RecordError(f"conversations[{i}]: unknown speaker {speaker!r} "
                               f"(expected {', '.join(SHAREGPT_ROLES)})")
         messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn.get("value")})
-    return Example(fmt="sharegpt", messages=messages)
+    return NormalizedRecord(fmt="sharegpt", messages=messages)
 
 
-def _completions(record: dict[str, Any]) -> Example:
-    return Example(fmt="completions", messages=[{"role": "user", "content": _string(record, "prompt")},
+def _completions(record: dict[str, Any]) -> NormalizedRecord:
+    return NormalizedRecord(fmt="completions", messages=[{"role": "user", "content": _string(record, "prompt")},
                                                 {"role": "assistant", "content": _string(record, "completion")}])
 
 
-def _alpaca(record: dict[str, Any]) -> Example:
+def _alpaca(record: dict[str, Any]) -> NormalizedRecord:
     instruction = _string(record, "instruction")
     extra_input = _string(record, "input", required=False)
     prompt = f"{instruction}\n\n{extra_input}" if extra_input and extra_input.strip() else instruction
-    return Example(fmt="alpaca", messages=[{"role": "user", "content": prompt},
+    return NormalizedRecord(fmt="alpaca", messages=[{"role": "user", "content": prompt},
                                            {"role": "assistant", "content": _string(record, "output")}])
 
 
-def _judge(record: dict[str, Any]) -> Example:
+def _judge(record: dict[str, Any]) -> NormalizedRecord:
     question, answer_a, answer_b = (_string(record, k) for k in ("question", "answer_a", "answer_b"))
     reasoning = _string(record, "reasoning", required=False)
     raw = record.get("verdict")
-    verdict = VERDICTS.get(raw.strip().lower()) if isinstance(raw, str) else None
+    verdict = parse_verdict(raw)
     if verdict is None:
         raise RecordError(f"'verdict' must be A, B or tie, got {raw!r}")
     extra = {"question": question, "answer_a": answer_a, "answer_b": answer_b, "reasoning": reasoning,
              "verdict": verdict}
-    return Example(fmt="judge", messages=judge_messages(question, answer_a, answer_b, reasoning, verdict),
-                   label=verdict, extra={k: v for k, v in extra.items() if v is not None})
+    return NormalizedRecord(fmt="judge", messages=judge_messages(question, answer_a, answer_b, reasoning, verdict),
+                            label=verdict, extra={k: v for k, v in extra.items() if v is not None})
 
 
 _CONVERTERS = {"chat": _chat, "sharegpt": _sharegpt, "completions": _completions, "alpaca": _alpaca,

@@ -7,7 +7,7 @@ divides by the total token count.
 "lm_head" (model.lm_head), "tied" (model.model.embed_tokens.as_linear), or None (call model(...) and take
 its logits). `loss_head(model)` picks it once and checks numerically that head(model.model(x)) really is
 model(x) (models that scale or soft-cap logits after the head fall back to None). With a head, only the
-loss-bearing positions (`batch["positions"]`, see lorakit.engine.batching) go through the vocabulary
+loss-bearing positions (`batch["positions"]`, see lorakit.engine.data.batching) go through the vocabulary
 projection, which saves most of its time and memory when prompts are masked.
 
 With a head the projection also runs in chunks of CHUNK_ELEMENTS logits, so B x T x V float32 logits never
@@ -25,7 +25,7 @@ import mlx.core as mx
 from mlx import nn
 from mlx.utils import tree_flatten
 
-from lorakit.engine.batching import PackedMask
+from lorakit.engine.data.batching import PackedMask
 
 CHUNK_ELEMENTS = 2**26  # logits per vocabulary-projection chunk (256 MB in float32)
 
@@ -155,7 +155,7 @@ def token_losses(model: nn.Module, batch: dict[str, Any], head: str | None = Non
 
 
 def batch_loss(model: nn.Module, batch: dict[str, Any], head: str | None = None) -> tuple[mx.array, mx.array]:
-    """Sum of cross-entropy over loss-bearing targets, and their count (see lorakit.engine.batching.Batch)."""
+    """Sum of cross-entropy over loss-bearing targets, and their count (see lorakit.engine.data.batching.Batch)."""
     if head is None:
         ce, weights, _ = token_losses(model, batch)
         return ce.sum(), weights.sum()

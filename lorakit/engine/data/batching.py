@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from lorakit.engine.data import Example
+from lorakit.engine.data.tokenized import TokenizedExample
 
 # Gather loss positions, padded to the first of these shares of the batch that holds them; above the
 # last share the loss projects every position.
@@ -107,7 +107,7 @@ def _pack(lengths: list[int], capacity: int) -> list[list[int]]:
 class BatchPlan:
     """Fixed rows and batches for a split; `order(epoch)` gives that epoch's batch order."""
 
-    def __init__(self, examples: list[Example], batch_size: int, max_seq_length: int, *, pack: bool = False,
+    def __init__(self, examples: list[TokenizedExample], batch_size: int, max_seq_length: int, *, pack: bool = False,
                  seed: int = 0, shuffle: bool = True) -> None:
         self.examples = examples
         self.pack = pack

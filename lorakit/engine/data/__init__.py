@@ -1,0 +1,1 @@
+"""Data: raw record formats and their validation, chat templates, splitting, tokenised splits and batches."""

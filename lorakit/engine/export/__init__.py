@@ -1,0 +1,1 @@
+"""Formats outside MLX: GGUF import and export, the GGUF tokenizer rebuild, the Hugging Face layout."""

@@ -1,0 +1,1 @@
+"""Models: loading, adapters, losses, checkpoints and data-parallel groups."""

@@ -1,0 +1,1 @@
+"""Scoring generated text: exact match, labels, and the pairwise judge's verdicts."""
