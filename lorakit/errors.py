@@ -1,4 +1,4 @@
-"""The three ways a command ends badly, each with its exit code (see DESIGN.md)."""
+"""The three ways a command ends badly, each with its exit code (README: exit codes)."""
 
 
 class LorakitError(Exception):

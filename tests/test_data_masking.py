@@ -136,6 +136,16 @@ def test_cache_is_reused_and_keyed(tiny_model, tmp_path):
     assert len(list((tmp_path / "c" / "tokenized").iterdir())) == 2
 
 
+def test_cache_honours_tilde_in_lorakit_cache(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LORAKIT_CACHE", "~/lk-cache")
+    monkeypatch.chdir(tmp_path)
+    data = _write(tmp_path / "d", [{"messages": CHAT}])
+    load_split(data, "train", _tokenizer(tiny_model), "assistant", 4096)
+    assert len(list((tmp_path / "home" / "lk-cache" / "tokenized").iterdir())) == 1
+    assert not (tmp_path / "~").exists()
+
+
 def test_bad_records_name_file_and_line(tiny_model, tmp_path):
     tok = _tokenizer(tiny_model)
     data = _write(tmp_path / "d", [{"messages": CHAT}, {"question": "x"}])

@@ -249,6 +249,9 @@ def render(messages: list[dict[str, Any]], template: str, add_generation_prompt:
     try:
         return _compile(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                          **variables)
+    except jinja2.TemplateNotFound as e:
+        raise ValueError(f"chat template: it includes or imports '{e.name}'; a chat template must be "
+                         "self-contained") from None
     except jinja2.TemplateError as e:
         raise ValueError(f"chat template: {e}") from None
 
@@ -276,7 +279,8 @@ def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separ
 
 @lru_cache(maxsize=32)
 def _compile(template: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+    # An empty loader: `{% include %}` / `{% import %}` fail as TemplateNotFound, never reach the disk.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, loader=jinja2.DictLoader({}),
                                         extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception

@@ -44,10 +44,10 @@ import numpy as np
 
 from lorakit.engine.reporter import Reporter
 from lorakit.errors import UserError
+from lorakit.io import cache_dir as io_cache_dir
 from lorakit.io import iter_jsonl, sha256_file
 
 CACHE_VERSION = 1
-FORMATS = ("chat", "completions", "text")
 
 
 @dataclass
@@ -260,12 +260,6 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
-def cache_root() -> Path:
-    import os
-
-    return Path(os.environ.get("LORAKIT_CACHE") or Path.home() / ".cache" / "lorakit")
-
-
 def _cache_file(cache_dir: Path, path: Path, tokenizer: Any, train_on: str, max_seq_length: int) -> Path:
     key = hashlib.sha256(json.dumps([CACHE_VERSION, sha256_file(path), tokenizer_fingerprint(tokenizer),
                                      train_on, max_seq_length]).encode()).hexdigest()[:32]
@@ -303,7 +297,7 @@ def load_split(data_dir: Path, split: str, tokenizer: Any, train_on: str, max_se
     """Read `data_dir/<split>.jsonl`, tokenise (or reuse the cache), truncate, and compute loss masks."""
     reporter = reporter or Reporter()
     path = split_path(data_dir, split)
-    cache_file = _cache_file(cache_dir or cache_root(), path, tokenizer, train_on, max_seq_length)
+    cache_file = _cache_file(cache_dir or io_cache_dir(), path, tokenizer, train_on, max_seq_length)
     if cache_file.exists():
         cached = _load_cache(cache_file, path)
         if cached is not None:

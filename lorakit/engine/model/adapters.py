@@ -139,5 +139,9 @@ def load_adapter(loaded: LoadedModel, path: Path, reporter: Reporter | None = No
         load_adapters(loaded.model, str(directory))
     except ValueError as e:
         raise UserError(f"--adapter-path {directory}: does not fit --model {loaded.name}: {e}") from None
+    except (RuntimeError, OSError) as e:  # mx.load on a cut or damaged file
+        raise UserError(f"{directory / ADAPTER_FILE}: cannot read the adapter weights ({e}); the file is "
+                        "damaged or incomplete: point --adapter-path at an intact checkpoint of "
+                        "the run (its checkpoints/step-N directory) or train again") from None
     loaded.model.eval()
     return directory

@@ -78,11 +78,6 @@ class World:
             return grads
         return average_gradients(grads, group=self.group)
 
-    def barrier(self) -> None:
-        """Wait until every rank gets here."""
-        if self.is_distributed:
-            mx.eval(self.sum(mx.array(0.0)))
-
     def reporter(self, reporter: Reporter) -> Reporter:
         """The reporter for this rank: rank 0 reports, the others stay silent."""
         return reporter if self.is_main else Reporter()
@@ -96,10 +91,6 @@ def world() -> World:
     """Join the group that mlx.launch started (any backend it set up), once per process."""
     group = mx.distributed.init()
     return World(group=group, rank=group.rank(), size=group.size())
-
-
-def is_main() -> bool:
-    return world().is_main
 
 
 def shard_plan(plan: Any, w: World, reporter: Reporter, split: str) -> None:

@@ -73,8 +73,12 @@ def build_prompt(tokenizer: Any, prompt: str | Messages, system: str | None = No
         if system is not None and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": system}, *messages]
         prefill = messages[-1]["role"] == "assistant"
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=not prefill,
-                                             continue_final_message=prefill)
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=not prefill,
+                                                 continue_final_message=prefill)
+        except Exception as e:  # noqa: BLE001  (jinja raises anything: SecurityError, TypeError, ...)
+            raise UserError(f"the tokenizer's chat template cannot render this prompt ({type(e).__name__}: "
+                            f"{e}); fix the template or pass --no-chat-template") from None
         tokens = tokenizer.encode(text, add_special_tokens=False)
     elif isinstance(prompt, str):
         bos = tokenizer.bos_token
