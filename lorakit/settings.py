@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextvars
 import difflib
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -17,17 +19,19 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from lorakit.builtin_templates import BUILTIN_TEMPLATES
 from lorakit.errors import UserError
 
 COMMANDS = ("prepare", "train", "eval", "generate", "fuse")
-TEMPLATES = ("chatml", "llama3", "mistral", "gemma", "phi3", "qwen2.5", "alpaca")
+TEMPLATES = tuple(BUILTIN_TEMPLATES)
 TARGET_PRESETS = {
     "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "mlp": ["gate_proj", "up_proj", "down_proj"],
 }
 OUTPUT_FIELDS = {"json_output", "quiet", "debug"}
 
-_yaml_data: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("yaml_data", default={})
+_yaml_data: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
+    "yaml_data", default=MappingProxyType({}))
 
 
 def _split_list(value: Any) -> Any:
@@ -55,22 +59,33 @@ class _YamlSource(PydanticBaseSettingsSource):
         return dict(_yaml_data.get())
 
 
+# Every settings class and mixin shares this config: pydantic merges the bases' configs, so a mixin with
+# BaseSettings' defaults would otherwise turn the LORAKIT_ prefix off (and read bare TEMP, MODEL, ...).
+SETTINGS_CONFIG = SettingsConfigDict(env_prefix="LORAKIT_", extra="forbid", validate_default=True,
+                                     populate_by_name=True)
+
+
 class Common(BaseSettings):
     """Fields every command has."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="LORAKIT_", extra="forbid", validate_default=True, populate_by_name=True
-    )
+    model_config = SETTINGS_CONFIG
 
     json_output: bool = Field(False, description="Print the result as one JSON object on stdout.")
     quiet: bool = Field(False, description="Only errors and warnings on stderr; no progress.")
-    debug: bool = Field(False, description="Show tracebacks for errors.")
-    seed: int = Field(0, description="Random seed (splits, shuffling, LoRA init, sampling).")
+    debug: bool = Field(False, description="Show tracebacks for errors (or LORAKIT_DEBUG=1).")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
                                    file_secret_settings):
         return (init_settings, env_settings, _YamlSource(settings_cls))
+
+
+class SeedOption(BaseSettings):
+    """The random seed, mixed into the commands that draw random numbers (all but fuse)."""
+
+    model_config = SETTINGS_CONFIG
+
+    seed: int = Field(0, description="Random seed (splits, shuffling, LoRA init, sampling).")
 
 
 class ModelOptions(Common):
@@ -86,7 +101,7 @@ class ModelOptions(Common):
     )
 
 
-class PrepareSettings(Common):
+class PrepareSettings(SeedOption, Common):
     inputs: CommaList = Field(description="Raw JSONL / JSON files to read.")
     out: Path = Field(description="Output directory for train/valid/test.jsonl.")
     input_format: Literal["auto", "chat", "sharegpt", "completions", "alpaca", "text", "judge"] = Field(
@@ -134,7 +149,7 @@ class PrepareSettings(Common):
         return value
 
 
-class TrainSettings(ModelOptions):
+class TrainSettings(SeedOption, ModelOptions):
     data: Path = Field(description="Directory with train.jsonl and valid.jsonl (from `lorakit prepare`).")
     adapter_path: Path = Field(Path("adapters"), description="Where adapters, checkpoints and metrics go.")
     fine_tune_type: Literal["lora", "dora", "full"] = Field("lora", description="lora, dora or full.")
@@ -198,6 +213,8 @@ class TrainSettings(ModelOptions):
 class SamplingOptions(BaseSettings):
     """Generation knobs shared by generate and eval --generate (mixed into their settings)."""
 
+    model_config = SETTINGS_CONFIG
+
     max_tokens: int = Field(256, gt=0, description="Most tokens to generate per answer.")
     temp: float = Field(0.0, ge=0, description="Sampling temperature (0: greedy).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
@@ -209,7 +226,7 @@ class SamplingOptions(BaseSettings):
     _stop_strings = field_validator("stop", mode="before")(_split_stop)
 
 
-class EvalSettings(ModelOptions, SamplingOptions):
+class EvalSettings(SeedOption, ModelOptions, SamplingOptions):
     data: Path = Field(description="Directory from `lorakit prepare`.")
     split: str = Field("test", description="Which split file to evaluate (train, valid, test).")
     adapter_path: Path | None = Field(None, description="Adapter directory from `lorakit train` (best/ if present).")
@@ -232,7 +249,7 @@ class EvalSettings(ModelOptions, SamplingOptions):
     _split = field_validator("labels", mode="before")(_split_list)
 
 
-class GenerateSettings(ModelOptions, SamplingOptions):
+class GenerateSettings(SeedOption, ModelOptions, SamplingOptions):
     adapter_path: Path | None = Field(None, description="Adapter directory from `lorakit train`.")
     prompt: str | None = Field(None, description="The prompt ('-' reads stdin).")
     input: Path | None = Field(None, description="JSONL with `prompt` or `messages` per line.")
@@ -242,7 +259,6 @@ class GenerateSettings(ModelOptions, SamplingOptions):
     compare_base: bool = Field(False, description="Also answer with the base model, side by side.")
     batch_size: int = Field(8, gt=0, description="Prompts generated together for --input.")
     overwrite: bool = Field(False, description="Replace an existing --output file.")
-
 
 
 class FuseSettings(ModelOptions):
@@ -360,7 +376,8 @@ def read_config(path: Path | None, command: str) -> tuple[dict[str, Any], list[s
     return {k: v for k, v in merged.items() if k in mine and k not in OUTPUT_FIELDS}, notes
 
 
-def _flag(name: str) -> str:
+def flag(name: str) -> str:
+    """How the command line spells a settings field (the CLI's options and the error messages use it)."""
     if name == "inputs":  # prepare's positional argument
         return "INPUT..."
     return "--json" if name == "json_output" else "--" + name.replace("_", "-")
@@ -371,10 +388,10 @@ def format_validation_error(err: ValidationError) -> str:
     for e in err.errors():
         loc = [str(x) for x in e["loc"]]
         name = loc[0] if loc else ""
-        where = f"{_flag(name)} (env LORAKIT_{name.upper()}, config key '{name}')" if name else "settings"
+        where = f"{flag(name)} (env LORAKIT_{name.upper()}, config key '{name}')" if name else "settings"
         msg = e["msg"]
         if e["type"] == "missing":
-            msg = f"required; pass {_flag(name)}"
+            msg = f"required; pass {flag(name)}"
         elif "input" in e and e["type"] not in ("extra_forbidden",) and not isinstance(e["input"], dict):
             msg = f"{msg} (got {e['input']!r})"
         lines.append(f"{where}: {msg}")

@@ -51,6 +51,11 @@ def test_prompt_from_stdin(model):
     assert piped["text"] == direct["text"]
 
 
+def test_empty_stdin_is_exit_2(model):
+    result = gen("--model", model, "--prompt", "-", input="  \n")
+    assert result.exit_code == 2 and "empty prompt (nothing on stdin)" in result.stderr
+
+
 def test_seed_makes_sampling_repeatable(model):
     args = ["--model", model, "-p", PROMPTS[0], "--max-tokens", "24", "--temp", "1.0", "--top-k", "100",
             "--json"]

@@ -142,21 +142,22 @@ def test_batched_equals_one_by_one_for_greedy(loaded, batch_size):
 
 def test_run_single_prompt_streams_and_reports_stats(untied_model):
     reporter = RecordingReporter()
-    result = g.run(settings(untied_model, prompt=PROMPTS[0], max_tokens=12), reporter)
+    result = g.run(settings(untied_model, prompt=PROMPTS[0], max_tokens=12), reporter, on_token=reporter.on_token)
     streamed = "".join(text for kind, text in reporter.events if kind == "token")
     assert streamed == result.text and result.generation_tokens == 12 and result.finish_reason == "length"
-    quiet = RecordingReporter()
+    quiet = RecordingReporter()  # without on_token nothing is streamed (the CLI's choice with --json)
     again = g.run(settings(untied_model, prompt=PROMPTS[0], max_tokens=12, json_output=True), quiet)
     assert again.text == result.text and not [e for e in quiet.events if e[0] == "token"]
 
 
-def test_run_reads_stdin_for_dash(untied_model, monkeypatch):
+def test_run_takes_the_prompt_text_as_given(untied_model, monkeypatch):
+    """Reading stdin for `--prompt -` is the CLI's job (test_cli_generate): the engine never reads it."""
     import io
 
-    monkeypatch.setattr("sys.stdin", io.StringIO(PROMPTS[1]))
-    from_stdin = g.run(settings(untied_model, prompt="-", max_tokens=8), RecordingReporter())
-    direct = g.run(settings(untied_model, prompt=PROMPTS[1], max_tokens=8), RecordingReporter())
-    assert from_stdin.text == direct.text
+    stdin = io.StringIO(PROMPTS[1])
+    monkeypatch.setattr("sys.stdin", stdin)
+    assert g.run(settings(untied_model, prompt="-", max_tokens=8), RecordingReporter()).text is not None
+    assert stdin.read() == PROMPTS[1]  # untouched
 
 
 def test_run_jsonl_input_keeps_order_and_ids(untied_model, tmp_path):

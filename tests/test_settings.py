@@ -120,3 +120,29 @@ def test_stop_strings_keep_whitespace_for_generate_and_eval():
     assert gen.stop == ["\n\n", "END"]
     assert ev.stop == ["\n\n", "END"]
     assert ev.labels == ["A", "B"]
+
+
+def test_mixed_in_fields_read_lorakit_env_only(monkeypatch):
+    """Sampling and seed come from mixins; they take LORAKIT_* like every field, never a bare TEMP or SEED."""
+    monkeypatch.setenv("TEMP", "/tmp")
+    monkeypatch.setenv("SEED", "not a number")
+    monkeypatch.setenv("LORAKIT_TOP_K", "7")
+    gen, _ = load_settings("generate", {"model": "m", "prompt": "x"})
+    ev, _ = load_settings("eval", {"model": "m", "data": "d"})
+    assert (gen.temp, gen.top_k, gen.seed) == (0.0, 7, 0)
+    assert (ev.temp, ev.top_k, ev.seed) == (0.0, 7, 0)
+
+
+def test_seed_only_where_random_numbers_are_drawn():
+    from lorakit.settings import SETTINGS
+
+    assert {name for name, cls in SETTINGS.items() if "seed" in cls.model_fields} == {
+        "prepare", "train", "eval", "generate"}
+
+
+def test_template_names_are_the_builtin_templates():
+    from lorakit.builtin_templates import BUILTIN_TEMPLATES
+    from lorakit.settings import TEMPLATES, PrepareSettings
+
+    assert TEMPLATES == tuple(BUILTIN_TEMPLATES)
+    assert ", ".join(BUILTIN_TEMPLATES) in PrepareSettings.model_fields["template"].description

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from typing import Annotated
 
 import typer
 
-from lorakit.settings import COMMANDS
+from lorakit.cli import eval as eval_command  # the module name would hide the builtin
+from lorakit.cli import fuse, generate, prepare, train
 
 app = typer.Typer(
     name="lorakit",
@@ -54,9 +53,11 @@ def _root(
     """LoRA fine-tuning on MLX."""
 
 
-for _name in COMMANDS:
-    if importlib.util.find_spec(f"lorakit.cli.{_name}") is not None:
-        app.command(_name)(importlib.import_module(f"lorakit.cli.{_name}").command)
+app.command("prepare")(prepare.command)
+app.command("train")(train.command)
+app.command("eval")(eval_command.command)
+app.command("generate")(generate.command)
+app.command("fuse")(fuse.command)
 
 
 def main() -> None:

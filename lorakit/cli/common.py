@@ -1,46 +1,27 @@
-"""What every command shares: options built from the settings fields, and the one exception boundary."""
+"""What every command shares: from the flags given to a rendered result, and the one exception boundary."""
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
 import signal
 import sys
 import traceback
-from collections.abc import Callable
-from pathlib import Path
-from typing import Annotated, Any, Optional
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from lorakit.errors import Interrupted, LorakitError
 from lorakit.settings import Common, load_settings
 
+if TYPE_CHECKING:
+    from lorakit.engine.reporter import Reporter
 
-def opt(cls: type[Common], name: str, *decls: str, **kwargs: Any) -> Any:
-    """A typer.Option whose help and shown default come from the settings field (one source of truth)."""
-    field = cls.model_fields[name]
-    default = field.get_default(call_default_factory=True)
-    if isinstance(default, (list, tuple)):
-        default = ",".join(map(str, default)) or None
-    shown = "required" if field.is_required() else ("none" if default is None else str(default))
-    if isinstance(default, bool) and not decls:
-        flag = name.replace("_", "-")
-        decls = (f"--{flag}/--no-{flag}",)
-    return typer.Option(*(decls or ("--" + name.replace("_", "-"),)), help=field.description,
-                        show_default=shown, **kwargs)
-
-
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML settings file.",
-                                                   show_default="none")]
-JsonOpt = Annotated[Optional[bool], typer.Option("--json", help="Print the result as one JSON object on stdout.",
-                                                 show_default="off")]
-QuietOpt = Annotated[Optional[bool], typer.Option("--quiet", "-q", help="No progress or info on stderr.",
-                                                  show_default="off")]
-DebugOpt = Annotated[Optional[bool], typer.Option("--debug", help="Show tracebacks (or LORAKIT_DEBUG=1).",
-                                                  show_default="off")]
+Run = Callable[[Any, "Reporter"], Any]  # (settings, reporter) -> the engine's result
+Render = Callable[[Any, Common], None]  # (result, settings): stdout, unless --json
+Summary = Callable[[Any, "Reporter"], None]  # (result, the CLI's reporter): stderr tables and lines, unless --quiet
 
 
 def _wants_debug(params: dict[str, Any]) -> bool:
@@ -68,24 +49,40 @@ def _is_main_rank() -> bool:
     return world().is_main
 
 
-def run_command(command: str, params: dict[str, Any], render: Callable[[Any, Common], None]) -> None:
-    """Resolve settings, run the engine, render the result; map every failure to its exit code."""
+def given(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The flags the user gave as settings input, plain data like the env and the config give: paths as text,
+    a repeated flag as a list. None (not given) and a repeatable flag given no time are left out."""
+    flags = {name: _plain(value) for name, value in params.items()}
+    return {name: value for name, value in flags.items() if value is not None and value != []}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+def run_command(command: str, params: Mapping[str, Any], run: Run, render: Render,
+                summary: Summary | None = None) -> None:
+    """Resolve the settings of `command` from its flags (a command's `ctx.params`), run the engine through
+    `run`, then present the result; map every failure to its exit code."""
     from lorakit.cli.reporting import RichReporter, err_console
 
-    params = dict(params)
-    config = params.pop("config", None)
-    debug = _wants_debug(params)
+    flags = given(params)
+    config = flags.pop("config", None)
+    debug = _wants_debug(flags)
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
-        settings, notes = load_settings(command, params, config)
+        settings, notes = load_settings(command, flags, config)
         reporter = RichReporter(quiet=settings.quiet)
         for note in notes:
             reporter.warn(note)
-        engine = importlib.import_module(f"lorakit.engine.{command}")
-        result = engine.run(settings, reporter)
+        result = run(settings, reporter)
         reporter.close()
         if not _is_main_rank():  # under mlx.launch every rank runs the command; rank 0 prints the result
             return
+        if summary is not None:
+            summary(result, reporter)
         if settings.json_output:
             print_json(result)
         else:
@@ -103,7 +100,7 @@ def run_command(command: str, params: dict[str, Any], render: Callable[[Any, Com
         raise typer.Exit(e.exit_code) from None
     except typer.Exit:
         raise
-    except Exception as e:  # a bug or an environment failure: exit 1, traceback only with --debug
+    except Exception as e:  # noqa: BLE001 - a bug or an environment failure: exit 1, traceback only with --debug
         if debug:
             traceback.print_exc()
         err_console().print(f"[bold red]error:[/] {type(e).__name__}: {e}", highlight=False, soft_wrap=True)

@@ -3,14 +3,42 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
-from lorakit.cli.common import ConfigOpt, DebugOpt, JsonOpt, QuietOpt, opt, run_command
+import typer
+
+from lorakit.cli.common import run_command
+from lorakit.cli.options import (
+    ConfigOpt,
+    DebugOpt,
+    DtypeOpt,
+    JsonOpt,
+    MaxTokensOpt,
+    MinPOpt,
+    ModelOpt,
+    QGroupSizeOpt,
+    QuantizeOpt,
+    QuietOpt,
+    RepetitionPenaltyOpt,
+    RevisionOpt,
+    SeedOpt,
+    StopOpt,
+    TempOpt,
+    TopKOpt,
+    TopPOpt,
+    TrustRemoteCodeOpt,
+    opt,
+)
 from lorakit.settings import EvalSettings as S
+
+if TYPE_CHECKING:
+    from lorakit.engine.eval import EvalResult
+    from lorakit.engine.reporter import Reporter
 
 
 def command(
-    model: Annotated[str | None, opt(S, "model")] = None,
+    ctx: typer.Context,
+    model: ModelOpt = None,
     data: Annotated[Path | None, opt(S, "data")] = None,
     split: Annotated[str | None, opt(S, "split")] = None,
     adapter_path: Annotated[Path | None, opt(S, "adapter_path")] = None,
@@ -25,45 +53,61 @@ def command(
     labels: Annotated[str | None, opt(S, "labels")] = None,
     ignore_case: Annotated[bool | None, opt(S, "ignore_case")] = None,
     limit: Annotated[int | None, opt(S, "limit")] = None,
-    seed: Annotated[int | None, opt(S, "seed")] = None,
+    seed: SeedOpt = None,
     out: Annotated[Path | None, opt(S, "out")] = None,
     overwrite: Annotated[bool | None, opt(S, "overwrite")] = None,
-    max_tokens: Annotated[int | None, opt(S, "max_tokens")] = None,
-    temp: Annotated[float | None, opt(S, "temp")] = None,
-    top_p: Annotated[float | None, opt(S, "top_p")] = None,
-    top_k: Annotated[int | None, opt(S, "top_k")] = None,
-    min_p: Annotated[float | None, opt(S, "min_p")] = None,
-    repetition_penalty: Annotated[float | None, opt(S, "repetition_penalty")] = None,
-    stop: Annotated[list[str] | None, opt(S, "stop")] = None,
-    revision: Annotated[str | None, opt(S, "revision")] = None,
-    trust_remote_code: Annotated[bool | None, opt(S, "trust_remote_code")] = None,
-    quantize: Annotated[int | None, opt(S, "quantize")] = None,
-    q_group_size: Annotated[int | None, opt(S, "q_group_size")] = None,
-    dtype: Annotated[str | None, opt(S, "dtype")] = None,
+    max_tokens: MaxTokensOpt = None,
+    temp: TempOpt = None,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    min_p: MinPOpt = None,
+    repetition_penalty: RepetitionPenaltyOpt = None,
+    stop: StopOpt = None,
+    revision: RevisionOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = None,
+    quantize: QuantizeOpt = None,
+    q_group_size: QGroupSizeOpt = None,
+    dtype: DtypeOpt = None,
     config: ConfigOpt = None,
     json_output: JsonOpt = None,
     quiet: QuietOpt = None,
     debug: DebugOpt = None,
 ) -> None:
     """Measure a model (and what an adapter changed) on a data split: loss, generations, judge verdicts."""
-    run_command("eval", locals(), _render)
+    run_command("eval", ctx.params, _run, _render, _summary)
 
 
-def _render(result: Any, settings: S) -> None:
+def _run(settings: S, reporter: Reporter) -> EvalResult:
+    from lorakit.engine import eval as engine
+
+    return engine.run(settings, reporter)
+
+
+def _summary(result: EvalResult, reporter: Reporter) -> None:
+    """Every model's headline metrics side by side, with the change (stderr)."""
+    from lorakit.engine.eval import headline
+
+    names = list(result.results)
+    flat = {n: headline(result.results[n]) for n in names}
+    rows = []
+    for key in flat[names[-1]]:
+        row = [key, *[f"{flat[n][key]:.4f}" for n in names]]
+        if key in result.change:
+            row.append(f"{result.change[key]:+.4f}")
+        rows.append(tuple(row))
+    header = ("metric", *names, *(("change",) if result.change else ()))
+    reporter.table(f"eval: {result.split} ({result.examples} examples)", rows, header)
+
+
+def _render(result: EvalResult, settings: S) -> None:
+    """One line of headline metrics per model, the change, and where the outputs are (stdout)."""
     from lorakit.cli.reporting import out_console
+    from lorakit.engine.eval import headline
 
     console = out_console()
     for name, metrics in result.results.items():
-        console.print(f"{name}: " + "  ".join(f"{k}={v:.4g}" for k, v in _headline(metrics).items()))
+        shown = "  ".join(f"{key.removeprefix('loss.')}={value:.4g}" for key, value in headline(metrics).items())
+        console.print(f"{name}: {shown}")
     for key, value in result.change.items():
         console.print(f"change {key}: {value:+.4g}")
     console.print(f"wrote {result.out}/eval.json and {result.out}/predictions.jsonl")
-
-
-def _headline(metrics: dict) -> dict[str, float]:
-    """The few numbers worth a line on stdout (all of them are in eval.json)."""
-    keys = {"loss": ("loss", "perplexity"), "generation": ("exact_match", "contains", "f1", "label_accuracy"),
-            "judge": ("accuracy", "consistency", "agreement", "position_bias")}
-    return {f"{section}.{k}" if section != "loss" else k: metrics[section][k]
-            for section, names in keys.items() if metrics.get(section) for k in names
-            if metrics[section].get(k) is not None}

@@ -1,15 +1,76 @@
-"""`lorakit fuse`: thin CLI over lorakit.engine.fuse."""
+"""`lorakit fuse`: merge an adapter into its base, verified, optionally with a GGUF export."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
-from lorakit.cli.common import ConfigOpt, DebugOpt, JsonOpt, QuietOpt, opt, run_command
+import typer
+
+from lorakit.cli.common import run_command
+from lorakit.cli.options import (
+    ConfigOpt,
+    DebugOpt,
+    JsonOpt,
+    ModelOpt,
+    QuantizeOpt,
+    QuietOpt,
+    RevisionOpt,
+    TrustRemoteCodeOpt,
+    opt,
+)
 from lorakit.settings import FuseSettings as S
 
+if TYPE_CHECKING:
+    from lorakit.engine.fuse import FuseResult
+    from lorakit.engine.reporter import Reporter
 
-def _render(result: Any, settings: Any) -> None:
+
+def command(
+    ctx: typer.Context,
+    model: ModelOpt = None,
+    adapter_path: Annotated[Path | None, opt(S, "adapter_path")] = None,
+    out: Annotated[Path | None, opt(S, "out")] = None,
+    dtype: Annotated[str | None, opt(S, "dtype")] = None,  # fuse's own: the fused weights' type
+    requantize: Annotated[int | None, opt(S, "requantize")] = None,
+    q_group_size: Annotated[int | None, opt(S, "q_group_size")] = None,  # fuse's own: also --requantize's
+    export_gguf: Annotated[Path | None, opt(S, "export_gguf")] = None,
+    gguf_type: Annotated[str | None, opt(S, "gguf_type")] = None,
+    verify: Annotated[bool | None, opt(S, "verify")] = None,
+    verify_tolerance: Annotated[float | None, opt(S, "verify_tolerance")] = None,
+    overwrite: Annotated[bool | None, opt(S, "overwrite")] = None,
+    quantize: QuantizeOpt = None,
+    revision: RevisionOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = None,
+    config: ConfigOpt = None,
+    json_output: JsonOpt = None,
+    quiet: QuietOpt = None,
+    debug: DebugOpt = None,
+) -> None:
+    """Merge a LoRA/DoRA adapter into its base: one verified model directory for MLX and transformers,
+    optionally a GGUF for llama.cpp."""
+    run_command("fuse", ctx.params, _run, _render, _summary)
+
+
+def _run(settings: S, reporter: Reporter) -> FuseResult:
+    from lorakit.engine import fuse as engine
+
+    return engine.run(settings, reporter)
+
+
+def _summary(result: FuseResult, reporter: Reporter) -> None:
+    """The verification and the re-quantization error in full (stderr)."""
+    check, err = result.check, result.requantize_error
+    if check is not None:
+        reporter.log(f"verification: max logit difference {check.max_logit_diff:.3g} (tolerance "
+                     f"{check.tolerance:.3g}), top-1 agreement {check.top1_agreement:.1%} over {check.positions} "
+                     f"positions; the adapter itself moves logits by up to {check.adapter_effect:.3g}")
+    if err is not None and result.quantization:
+        reporter.log(f"re-quantization to {result.quantization['bits']} bits changed the logits by at most "
+                     f"{err.max:.4g} (mean {err.mean:.4g}); top-1 agreement {err.top1_agreement:.1%}")
+
+
+def _render(result: FuseResult, settings: S) -> None:
     from lorakit.cli.reporting import out_console
 
     console = out_console()
@@ -26,28 +87,3 @@ def _render(result: Any, settings: Any) -> None:
                       f"top-1 agreement {err.top1_agreement:.1%}")
     if result.gguf is not None:
         console.print(f"gguf: {result.gguf.path} ({result.gguf.size_bytes / 1e6:.1f} MB, {result.gguf.type})")
-
-
-def command(
-    model: Annotated[str | None, opt(S, "model", "--model", "-m")] = None,
-    adapter_path: Annotated[Path | None, opt(S, "adapter_path")] = None,
-    out: Annotated[Path | None, opt(S, "out", "--out", "-o")] = None,
-    dtype: Annotated[str | None, opt(S, "dtype")] = None,
-    requantize: Annotated[int | None, opt(S, "requantize")] = None,
-    q_group_size: Annotated[int | None, opt(S, "q_group_size")] = None,
-    export_gguf: Annotated[Path | None, opt(S, "export_gguf")] = None,
-    gguf_type: Annotated[str | None, opt(S, "gguf_type")] = None,
-    verify: Annotated[bool | None, opt(S, "verify")] = None,
-    verify_tolerance: Annotated[float | None, opt(S, "verify_tolerance")] = None,
-    overwrite: Annotated[bool | None, opt(S, "overwrite", "--overwrite")] = None,
-    quantize: Annotated[int | None, opt(S, "quantize")] = None,
-    revision: Annotated[str | None, opt(S, "revision")] = None,
-    trust_remote_code: Annotated[bool | None, opt(S, "trust_remote_code", "--trust-remote-code")] = None,
-    config: ConfigOpt = None,
-    json_output: JsonOpt = None,
-    quiet: QuietOpt = None,
-    debug: DebugOpt = None,
-) -> None:
-    """Merge a LoRA/DoRA adapter into its base: one verified model directory for MLX and transformers,
-    optionally a GGUF for llama.cpp."""
-    run_command("fuse", locals(), _render)

@@ -1,17 +1,98 @@
-"""`lorakit generate`: thin CLI over lorakit.engine.generate."""
+"""`lorakit generate`: answer a prompt (streamed) or a JSONL file of prompts, with or without an adapter."""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated
 
-from lorakit.cli.common import ConfigOpt, DebugOpt, JsonOpt, QuietOpt, opt, run_command
+import typer
+
+from lorakit.cli.common import run_command
+from lorakit.cli.options import (
+    ConfigOpt,
+    DebugOpt,
+    DtypeOpt,
+    JsonOpt,
+    MaxTokensOpt,
+    MinPOpt,
+    ModelOpt,
+    QGroupSizeOpt,
+    QuantizeOpt,
+    QuietOpt,
+    RepetitionPenaltyOpt,
+    RevisionOpt,
+    SeedOpt,
+    StopOpt,
+    TempOpt,
+    TopKOpt,
+    TopPOpt,
+    TrustRemoteCodeOpt,
+    opt,
+)
+from lorakit.errors import UserError
 from lorakit.settings import GenerateSettings as S
 
+if TYPE_CHECKING:
+    from lorakit.engine.generate import GenerateResult
+    from lorakit.engine.reporter import Reporter
 
-def _render(result: Any, settings: Any) -> None:
+
+def command(
+    ctx: typer.Context,
+    model: ModelOpt = None,
+    adapter_path: Annotated[Path | None, opt(S, "adapter_path")] = None,
+    prompt: Annotated[str | None, opt(S, "prompt")] = None,
+    input: Annotated[Path | None, opt(S, "input")] = None,
+    output: Annotated[Path | None, opt(S, "output")] = None,
+    system: Annotated[str | None, opt(S, "system")] = None,
+    chat_template: Annotated[bool | None, opt(S, "chat_template")] = None,
+    compare_base: Annotated[bool | None, opt(S, "compare_base")] = None,
+    max_tokens: MaxTokensOpt = None,
+    temp: TempOpt = None,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    min_p: MinPOpt = None,
+    repetition_penalty: RepetitionPenaltyOpt = None,
+    stop: StopOpt = None,
+    seed: SeedOpt = None,
+    batch_size: Annotated[int | None, opt(S, "batch_size")] = None,
+    overwrite: Annotated[bool | None, opt(S, "overwrite")] = None,
+    dtype: DtypeOpt = None,
+    quantize: QuantizeOpt = None,
+    q_group_size: QGroupSizeOpt = None,
+    revision: RevisionOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = None,
+    config: ConfigOpt = None,
+    json_output: JsonOpt = None,
+    quiet: QuietOpt = None,
+    debug: DebugOpt = None,
+) -> None:
+    """Answer a prompt (streamed to stdout) or a JSONL file of prompts, with or without an adapter."""
+    run_command("generate", ctx.params, _run, _render)
+
+
+def _run(settings: S, reporter: Reporter) -> GenerateResult:
+    from lorakit.engine import generate as engine
+
+    settings = _read_stdin(settings)
+    # Stream only when the answer is the whole output: --json and --compare-base print it afterwards.
+    stream = settings.prompt is not None and not settings.json_output and not settings.compare_base
+    return engine.run(settings, reporter, on_token=reporter.on_token if stream else None)
+
+
+def _read_stdin(settings: S) -> S:
+    """`--prompt -`: the prompt is what stdin holds."""
+    if settings.prompt != "-" or settings.input is not None:  # the engine refuses --prompt with --input
+        return settings
+    prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise UserError("--prompt: empty prompt (nothing on stdin)")
+    return settings.model_copy(update={"prompt": prompt})
+
+
+def _render(result: GenerateResult, settings: S) -> None:
     from rich.table import Table
 
     from lorakit.cli.reporting import err_console, out_console
@@ -33,37 +114,3 @@ def _render(result: Any, settings: Any) -> None:
             f"prompt: {result.prompt_tokens} tokens, {result.prompt_tps:.1f} tokens/s | generation: "
             f"{result.generation_tokens} tokens, {result.generation_tps:.1f} tokens/s | peak memory: "
             f"{result.peak_memory:.3f} GB", highlight=False, soft_wrap=True)
-
-
-def command(
-    model: Annotated[Optional[str], opt(S, "model", "--model", "-m")] = None,
-    adapter_path: Annotated[Optional[Path], opt(S, "adapter_path")] = None,
-    prompt: Annotated[Optional[str], opt(S, "prompt", "--prompt", "-p")] = None,
-    input: Annotated[Optional[Path], opt(S, "input", "--input", "-i")] = None,
-    output: Annotated[Optional[Path], opt(S, "output", "--output", "-o")] = None,
-    system: Annotated[Optional[str], opt(S, "system")] = None,
-    chat_template: Annotated[Optional[bool], opt(S, "chat_template")] = None,
-    compare_base: Annotated[Optional[bool], opt(S, "compare_base")] = None,
-    max_tokens: Annotated[Optional[int], opt(S, "max_tokens")] = None,
-    temp: Annotated[Optional[float], opt(S, "temp")] = None,
-    top_p: Annotated[Optional[float], opt(S, "top_p")] = None,
-    top_k: Annotated[Optional[int], opt(S, "top_k")] = None,
-    min_p: Annotated[Optional[float], opt(S, "min_p")] = None,
-    repetition_penalty: Annotated[Optional[float], opt(S, "repetition_penalty")] = None,
-    stop: Annotated[Optional[list[str]], opt(S, "stop")] = None,
-    seed: Annotated[Optional[int], opt(S, "seed")] = None,
-    batch_size: Annotated[Optional[int], opt(S, "batch_size")] = None,
-    overwrite: Annotated[Optional[bool], opt(S, "overwrite", "--overwrite")] = None,
-    dtype: Annotated[Optional[str], opt(S, "dtype")] = None,
-    quantize: Annotated[Optional[int], opt(S, "quantize")] = None,
-    q_group_size: Annotated[Optional[int], opt(S, "q_group_size")] = None,
-    revision: Annotated[Optional[str], opt(S, "revision")] = None,
-    trust_remote_code: Annotated[Optional[bool], opt(S, "trust_remote_code", "--trust-remote-code")] = None,
-    config: ConfigOpt = None,
-    json_output: JsonOpt = None,
-    quiet: QuietOpt = None,
-    debug: DebugOpt = None,
-) -> None:
-    """Answer a prompt (streamed to stdout) or a JSONL file of prompts, with or without an adapter."""
-    stop = ",".join(stop) if stop else None  # repeated --stop flags and comma-separated values both work
-    run_command("generate", locals(), _render)

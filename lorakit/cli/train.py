@@ -3,16 +3,35 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from lorakit.cli.common import ConfigOpt, DebugOpt, JsonOpt, QuietOpt, opt, run_command
+from lorakit.cli.common import run_command
+from lorakit.cli.options import (
+    ConfigOpt,
+    DebugOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    QGroupSizeOpt,
+    QuantizeOpt,
+    QuietOpt,
+    RevisionOpt,
+    SeedOpt,
+    TrustRemoteCodeOpt,
+    opt,
+)
 from lorakit.settings import TrainSettings as S
+
+if TYPE_CHECKING:
+    from lorakit.engine.reporter import Reporter
+    from lorakit.engine.train import TrainResult
 
 
 def command(
-    model: Annotated[str | None, opt(S, "model", "--model", "-m")] = None,
+    ctx: typer.Context,
+    model: ModelOpt = None,
     data: Annotated[Path | None, opt(S, "data")] = None,
     adapter_path: Annotated[Path | None, opt(S, "adapter_path")] = None,
     fine_tune_type: Annotated[str | None, opt(S, "fine_tune_type")] = None,
@@ -42,15 +61,15 @@ def command(
     save_every: Annotated[int | None, opt(S, "save_every")] = None,
     keep_last: Annotated[int | None, opt(S, "keep_last")] = None,
     early_stopping_patience: Annotated[int | None, opt(S, "early_stopping_patience")] = None,
-    resume: Annotated[bool | None, opt(S, "resume", "--resume")] = None,
+    resume: Annotated[bool | None, opt(S, "resume")] = None,
     resume_from: Annotated[Path | None, opt(S, "resume_from")] = None,
-    overwrite: Annotated[bool | None, opt(S, "overwrite", "--overwrite")] = None,
-    seed: Annotated[int | None, opt(S, "seed")] = None,
-    revision: Annotated[str | None, opt(S, "revision")] = None,
-    trust_remote_code: Annotated[bool | None, opt(S, "trust_remote_code", "--trust-remote-code")] = None,
-    quantize: Annotated[int | None, opt(S, "quantize")] = None,
-    q_group_size: Annotated[int | None, opt(S, "q_group_size")] = None,
-    dtype: Annotated[str | None, opt(S, "dtype")] = None,
+    overwrite: Annotated[bool | None, opt(S, "overwrite")] = None,
+    seed: SeedOpt = None,
+    revision: RevisionOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = None,
+    quantize: QuantizeOpt = None,
+    q_group_size: QGroupSizeOpt = None,
+    dtype: DtypeOpt = None,
     dist_timeout: Annotated[float | None, opt(S, "dist_timeout")] = None,
     config: ConfigOpt = None,
     json_output: JsonOpt = None,
@@ -58,10 +77,16 @@ def command(
     debug: DebugOpt = None,
 ) -> None:
     """Fine-tune --model on --data (train.jsonl, valid.jsonl) and write an mlx-lm adapter to --adapter-path."""
-    run_command("train", locals(), _render)
+    run_command("train", ctx.params, _run, _render)
 
 
-def _render(result: Any, settings: S) -> None:
+def _run(settings: S, reporter: Reporter) -> TrainResult:
+    from lorakit.engine import train as engine
+
+    return engine.run(settings, reporter)
+
+
+def _render(result: TrainResult, settings: S) -> None:
     def loss(value: float | None) -> str:
         return "-" if value is None else f"{value:.4f}"
 

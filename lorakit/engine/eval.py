@@ -337,23 +337,10 @@ HEADLINE = {
 
 
 def headline(result: dict[str, Any]) -> dict[str, float]:
-    """The comparable numbers of one model's results, as 'section.metric' -> value."""
+    """The comparable numbers of one model's results, as 'section.metric' -> value: what `change` compares
+    and what the CLI shows (all of them are in eval.json)."""
     return {f"{section}.{k}": result[section][k] for section, keys in HEADLINE.items() if section in result
             for k in keys if isinstance(result[section].get(k), (int, float))}
-
-
-def _table(result: EvalResult, reporter: Reporter) -> None:
-    names = list(result.results)
-    flat = {n: headline(result.results[n]) for n in names}
-    keys = list(flat[names[-1]])
-    rows = []
-    for key in keys:
-        row = [key, *[f"{flat[n][key]:.4f}" for n in names]]
-        if key in result.change:
-            row.append(f"{result.change[key]:+.4f}")
-        rows.append(tuple(row))
-    header = ("metric", *names, *(("change",) if result.change else ()))
-    reporter.table(f"eval: {result.split} ({result.examples} examples)", rows, header)
 
 
 def run(settings: EvalSettings, reporter: Reporter) -> EvalResult:
@@ -404,5 +391,4 @@ def run(settings: EvalSettings, reporter: Reporter) -> EvalResult:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     reporter.log(f"wrote {out}/eval.json and {out}/predictions.jsonl")
-    _table(result, reporter)
     return result

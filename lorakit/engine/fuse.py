@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from lorakit.engine.export.gguf_export import GgufExport, check_exportable, export_gguf
@@ -78,6 +78,22 @@ class FuseResult:
     seconds: float = 0.0
 
 
+@dataclass
+class _Merged:
+    """The fused model in memory, and the logits its checks compare (on the verification prompts)."""
+
+    model: nn.Module
+    adapter_dir: Path
+    adapter_config: dict
+    layers: int
+    base_dtype: mx.Dtype
+    out_dtype: mx.Dtype
+    prompts: list[list[int]]
+    base_logits: list[mx.array] | None  # the base alone (--verify)
+    reference: list[mx.array] | None  # base+adapter, unfused (--verify)
+    fused_float: list[mx.array] | None  # fused, before re-quantizing (--requantize)
+
+
 def run(settings: FuseSettings, reporter: Reporter) -> FuseResult:
     start = time.perf_counter()
     out = ensure_new_dir(settings.out, settings.overwrite)
@@ -87,6 +103,23 @@ def run(settings: FuseSettings, reporter: Reporter) -> FuseResult:
     loaded = load_model(settings.model_copy(update={"dtype": None}), reporter)
     if gguf_path is not None:
         check_exportable(loaded.config)
+    merged = _merge(loaded, settings, reporter)
+    result = FuseResult(
+        out=str(out), model=settings.model, adapter=str(merged.adapter_dir),
+        fine_tune_type=merged.adapter_config.get("fine_tune_type", "lora"), fused_layers=merged.layers,
+        dtype=_dtype_name(merged.out_dtype), quantization=None, transformers_compatible=settings.requantize is None,
+        qk_rows_restored=has_gguf_layout(loaded.config),
+    )
+    _ship(out, gguf_path, loaded, merged, settings, result, reporter)
+    if result.gguf is not None:
+        result.gguf.size_bytes = Path(result.gguf.path).stat().st_size
+    reporter.on_save(str(out), 0)
+    result.seconds = round(time.perf_counter() - start, 2)
+    return result
+
+
+def _merge(loaded: LoadedModel, settings: FuseSettings, reporter: Reporter) -> _Merged:
+    """Apply the adapter and fuse it into float weights of the output dtype, keeping the logits to check."""
     base_dtype = _float_dtype(loaded.model)
     out_dtype = getattr(mx, settings.dtype) if settings.dtype else base_dtype
     prompts = _verification_prompts(loaded.tokenizer)
@@ -98,31 +131,29 @@ def run(settings: FuseSettings, reporter: Reporter) -> FuseResult:
     reference = _logits(loaded.model, prompts) if settings.verify else None
 
     model = loaded.model
-    fused_layers = _fuse_layers(model)
-    reporter.log(f"fused {fused_layers} adapted layers from {adapter_dir}")
+    layers = _fuse_layers(model)
+    reporter.log(f"fused {layers} adapted layers from {adapter_dir}")
     _dequantize(model)
     model.set_dtype(out_dtype)
     mx.eval(model.parameters())
     fused_float = _logits(model, prompts) if settings.requantize else None
+    return _Merged(model=model, adapter_dir=adapter_dir, adapter_config=adapter_config, layers=layers,
+                   base_dtype=base_dtype, out_dtype=out_dtype, prompts=prompts, base_logits=base_logits,
+                   reference=reference, fused_float=fused_float)
 
-    rows_restored = has_gguf_layout(loaded.config)
-    config = hf_config(loaded.config, out_dtype, rows_restored)
-    result = FuseResult(
-        out=str(out), model=settings.model, adapter=str(adapter_dir),
-        fine_tune_type=adapter_config.get("fine_tune_type", "lora"), fused_layers=fused_layers,
-        dtype=_dtype_name(out_dtype), quantization=None, transformers_compatible=settings.requantize is None,
-        qk_rows_restored=rows_restored,
-    )
 
+def _ship(out: Path, gguf_path: Path | None, loaded: LoadedModel, merged: _Merged, settings: FuseSettings,
+          result: FuseResult, reporter: Reporter) -> None:
+    """Save the fused model (and the GGUF) into a staging directory, check the model as saved, then move it
+    into place: nothing is shipped unless it passes."""
+    model = merged.model
+    config = hf_config(loaded.config, merged.out_dtype, result.qk_rows_restored)
     staging = staging_dir(out)
     try:
         with contextlib.ExitStack() as stack:
-            loaded.tokenizer.save_pretrained(str(staging))  # tokenizer files and the chat template
-            for name in ("generation_config.json", "tokenizer.model"):
-                if (loaded.path / name).exists() and not (staging / name).exists():
-                    shutil.copy(loaded.path / name, staging / name)
+            _copy_tokenizer(loaded, staging)
             weights = dict(tree_flatten(model.parameters()))
-            if rows_restored:
+            if result.qk_rows_restored:
                 weights = to_hf_rows(weights, loaded.config)
                 model.update(tree_unflatten(list(weights.items())))
                 reporter.log("put the GGUF base's q/k rows back in Hugging Face order (standard RoPE config)")
@@ -137,23 +168,7 @@ def run(settings: FuseSettings, reporter: Reporter) -> FuseResult:
             if settings.requantize:
                 config, result.quantization = _requantize(model, config, settings, loaded.config)
             _save(staging, model, config)
-
-            shipped = _shipped_logits(staging, prompts) if settings.verify or settings.requantize else None
-            if settings.verify:  # a re-quantized output is checked before quantizing; its own error follows
-                result.check = _check(shipped if not settings.requantize else fused_float, reference,
-                                      base_logits, settings, (base_dtype, out_dtype))
-                _report_check(result.check, reporter)
-                if not result.check.passed:
-                    raise RunError(
-                        f"verification failed: the fused model's logits differ from base+adapter by "
-                        f"{result.check.max_logit_diff:.4g} (tolerance {result.check.tolerance:.4g}) on "
-                        f"{result.check.prompts} prompts; nothing was written to {out}. Rerun with --debug "
-                        "and report it; --verify-tolerance raises the bound if the difference is expected")
-            if settings.requantize:
-                result.requantize_error = _diff(shipped, fused_float)
-                reporter.log(f"re-quantization to {settings.requantize} bits changed the logits by at most "
-                             f"{result.requantize_error.max:.4g} (mean {result.requantize_error.mean:.4g}); "
-                             f"top-1 agreement {result.requantize_error.top1_agreement:.1%}")
+            _verify(staging, merged, settings, result, reporter)
             _write_records(staging, settings, result)
             result.files = {str(p.relative_to(staging)): p.stat().st_size
                             for p in sorted(staging.rglob("*")) if p.is_file()}
@@ -161,11 +176,35 @@ def run(settings: FuseSettings, reporter: Reporter) -> FuseResult:
             replace_dir(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    if result.gguf is not None:
-        result.gguf.size_bytes = Path(result.gguf.path).stat().st_size
-    reporter.on_save(str(out), 0)
-    result.seconds = round(time.perf_counter() - start, 2)
-    return result
+
+
+def _copy_tokenizer(loaded: LoadedModel, directory: Path) -> None:
+    """Tokenizer files and the chat template, plus the base's generation config and SentencePiece model."""
+    loaded.tokenizer.save_pretrained(str(directory))
+    for name in ("generation_config.json", "tokenizer.model"):
+        if (loaded.path / name).exists() and not (directory / name).exists():
+            shutil.copy(loaded.path / name, directory / name)
+
+
+def _verify(staging: Path, merged: _Merged, settings: FuseSettings, result: FuseResult,
+            reporter: Reporter) -> None:
+    """Compare the saved model, loaded back, with base+adapter (--verify; a re-quantized output is checked
+    before quantizing) and measure what --requantize changed."""
+    if not (settings.verify or settings.requantize):
+        return
+    shipped = _shipped_logits(staging, merged.prompts)
+    if settings.verify:
+        result.check = _check(shipped if not settings.requantize else merged.fused_float, merged.reference,
+                              merged.base_logits, settings, (merged.base_dtype, merged.out_dtype))
+        if not result.check.passed:
+            raise RunError(
+                f"verification failed: the fused model's logits differ from base+adapter by "
+                f"{result.check.max_logit_diff:.4g} (tolerance {result.check.tolerance:.4g}) on "
+                f"{result.check.prompts} prompts; nothing was written to {result.out}. Rerun with --debug "
+                "and report it; --verify-tolerance raises the bound if the difference is expected")
+        _warn_if_indistinguishable(result.check, reporter)
+    if settings.requantize:
+        result.requantize_error = _diff(shipped, merged.fused_float)
 
 
 def _gguf_target(settings: FuseSettings) -> Path | None:
@@ -239,11 +278,8 @@ def _check(fused: list[mx.array], reference: list[mx.array], base: list[mx.array
                      adapter_effect=_diff(reference, base).max)
 
 
-def _report_check(check: FuseCheck, reporter: Reporter) -> None:
-    reporter.log(f"verification: max logit difference {check.max_logit_diff:.3g} (tolerance "
-                 f"{check.tolerance:.3g}), top-1 agreement {check.top1_agreement:.1%} over {check.positions} "
-                 f"positions; the adapter itself moves logits by up to {check.adapter_effect:.3g}")
-    if check.passed and check.adapter_effect <= check.tolerance:
+def _warn_if_indistinguishable(check: FuseCheck, reporter: Reporter) -> None:
+    if check.adapter_effect <= check.tolerance:
         reporter.warn(f"the adapter changes the logits by at most {check.adapter_effect:.3g}, within the "
                       f"check's tolerance {check.tolerance:.3g}: the check cannot tell the fused model from "
                       "the base. Is this adapter trained?")

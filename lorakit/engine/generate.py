@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,13 +85,16 @@ def _check_settings(settings: Any) -> str | list[_Record]:
             raise UserError(f"--output {settings.output}: file exists; pass --overwrite to replace it")
     if settings.input is not None:
         return _read_input(settings.input)
-    prompt = sys.stdin.read() if settings.prompt == "-" else settings.prompt
-    if not prompt.strip():
-        raise UserError("--prompt: empty prompt" + (" (nothing on stdin)" if settings.prompt == "-" else ""))
-    return prompt
+    if not settings.prompt.strip():
+        raise UserError("--prompt: empty prompt")
+    return settings.prompt
 
 
-def run(settings: Any, reporter: Reporter) -> GenerateResult:
+def run(settings: Any, reporter: Reporter, on_token: Callable[[str], None] | None = None) -> GenerateResult:
+    """Answer --prompt (its text; the CLI reads stdin for '-') or every line of --input.
+
+    `on_token` receives a single prompt's answer piece by piece as it is generated (the CLI streams it).
+    """
     inputs = _check_settings(settings)
     loaded = load_model(settings, reporter)
     adapter_dir = load_adapter(loaded, settings.adapter_path, reporter) if settings.adapter_path else None
@@ -101,19 +104,17 @@ def run(settings: Any, reporter: Reporter) -> GenerateResult:
         use_template = False
     result = GenerateResult(model=settings.model, adapter=str(adapter_dir) if adapter_dir else None)
     if isinstance(inputs, str):
-        return _answer_prompt(settings, loaded, inputs, use_template, reporter, result)
+        return _answer_prompt(settings, loaded, inputs, use_template, on_token, result)
     return _answer_input(settings, loaded, inputs, use_template, reporter, result)
 
 
-def _answer_prompt(settings: Any, loaded: Any, prompt: str, use_template: bool, reporter: Reporter,
-                   result: GenerateResult) -> GenerateResult:
+def _answer_prompt(settings: Any, loaded: Any, prompt: str, use_template: bool,
+                   on_token: Callable[[str], None] | None, result: GenerateResult) -> GenerateResult:
     tokens = build_prompt(loaded.tokenizer, prompt, settings.system, use_template)
     sampling = make_sampling(settings)
-    # Stream only when the text is the whole output: --json and --compare-base print it afterwards.
-    on_text = reporter.on_token if not settings.json_output and not settings.compare_base else None
     model, tokenizer = loaded.model, loaded.tokenizer
     limits = (settings.max_tokens, settings.stop, settings.seed)
-    answer = generate_one(model, tokenizer, tokens, sampling, *limits, on_text=on_text)
+    answer = generate_one(model, tokenizer, tokens, sampling, *limits, on_text=on_token)
     if settings.compare_base:
         with base_model(model):
             result.base_text = generate_one(model, tokenizer, tokens, sampling, *limits).text

@@ -118,13 +118,11 @@ def run(settings: PrepareSettings, reporter: Reporter) -> PrepareResult:
 
     manifest = _manifest(settings, inputs, splits, problems, read, tok)
     _write(out, splits, problems, manifest, settings)
-    result = PrepareResult(
+    return PrepareResult(
         out=str(out), counts={**{n: len(m) for n, m in splits.items()}, "rejected": len(problems)},
         records_read=read, formats=manifest["formats"], labels=manifest["labels"],
         lengths=manifest["lengths"], manifest=str(out / "manifest.json"),
     )
-    _summary(result, reporter)
-    return result
 
 
 # ---------------------------------------------------------------- reading
@@ -510,18 +508,3 @@ def _jsonl(path: Path, rows: Iterator[dict[str, Any]]) -> None:
     # The whole directory is renamed into place at the end, so plain writes are atomic enough here.
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-
-
-def _summary(result: PrepareResult, reporter: Reporter) -> None:
-    rows = []
-    for name in (*SPLITS, "rejected"):
-        labels = (result.labels or {}).get(name)
-        rows.append((name, str(result.counts[name]), ", ".join(f"{k}={v}" for k, v in labels.items())
-                     if labels else ""))
-    reporter.table(f"prepared {result.records_read} records -> {result.out}", rows,
-                   header=("split", "examples", "labels"))
-    lengths = [(unit, *(str(stats[k]) for k in ("min", "mean", "p50", "p95", "max")))
-               for unit, stats in result.lengths.items() if stats]
-    if lengths:
-        reporter.table("lengths", lengths, header=("unit", "min", "mean", "p50", "p95", "max"))
-    reporter.log("formats: " + ", ".join(f"{k}={v}" for k, v in result.formats.items()))

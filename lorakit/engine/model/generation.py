@@ -91,6 +91,13 @@ def build_prompt(tokenizer: Any, prompt: str | Messages, system: str | None = No
     return tokens
 
 
+def check_prompt_length(tokens: list[int], context_length: int | None, where: str) -> None:
+    """Refuse a prompt longer than the model's context before spending minutes on its prefill."""
+    if context_length is not None and len(tokens) >= context_length:
+        raise UserError(f"{where}: the prompt is {len(tokens):,} tokens, the model's context is "
+                        f"{context_length:,}; shorten it")
+
+
 class _StopText:
     """Cuts generated text at the first stop string, holding back text that may be the start of one.
 

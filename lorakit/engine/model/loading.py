@@ -23,6 +23,14 @@ class LoadedModel:
     source: str  # "hub", "dir" or "gguf"
 
     @property
+    def context_length(self) -> int | None:
+        """The longest sequence the model was built for (None when its config does not say)."""
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            if isinstance(self.config.get(key), int):
+                return self.config[key]
+        return None
+
+    @property
     def signature(self) -> dict:
         """Shape facts an adapter must agree with (see adapters.check_base)."""
         return base_signature(self.config)
