@@ -58,7 +58,10 @@ def _save_tree(path: Path, tree: Any) -> None:
 
 def save_checkpoint(adapter_path: Path, model: nn.Module, optimizer: optim.Optimizer, adapter_cfg: dict,
                     state: dict, keep_last: int) -> Path:
-    """Write checkpoints/step-N atomically, then drop all but the newest `keep_last`."""
+    """Write checkpoints/step-N atomically, then drop all but the newest `keep_last`.
+
+    `state` (a TrainState's to_dict()) becomes trainer_state.json.
+    """
     target = checkpoint_dir(adapter_path, state["step"])
     staging = staging_dir(target)
     try:

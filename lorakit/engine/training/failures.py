@@ -1,0 +1,72 @@
+"""How a run ends before its last step: Ctrl-C or SIGTERM, out of memory, a loss that is no longer finite."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorakit.engine.model import checkpoint as ckpt
+from lorakit.errors import RunError
+from lorakit.settings import TrainSettings
+
+
+@dataclass
+class StopRequest:
+    """Set by a first Ctrl-C / SIGTERM; the training loop stops after the step it is in."""
+
+    requested: bool = False
+
+
+@contextmanager
+def deferred_interrupts(stop: StopRequest):
+    """Ctrl-C / SIGTERM set `stop` for the loop to check between steps; a second one interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.requested = True
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or "memory" in str(e).lower() or "bad_alloc" in str(e)
+
+
+def oom_error(e: BaseException, settings: TrainSettings, step: int) -> RunError:
+    hints = [(f"--batch-size {max(1, settings.batch_size // 2)} --grad-accumulation-steps "
+              f"{settings.grad_accumulation_steps * 2} (same effective batch)")]
+    if not settings.grad_checkpoint:
+        hints.append("--grad-checkpoint")
+    hints.append(f"--max-seq-length {max(2, settings.max_seq_length // 2)}")
+    if settings.num_layers < 0 or settings.num_layers > 8:
+        hints.append("--num-layers 8")
+    if settings.fine_tune_type == "full":
+        hints.append("--fine-tune-type lora")
+    if not settings.quantize:
+        hints.append("--quantize 4")
+    return RunError(f"out of memory at step {step} ({e}). Try: " + "; ".join(hints))
+
+
+def nonfinite_error(settings: TrainSettings, step: int, loss: float, grad_norm: float, last_saved: int | None,
+                    out: Path) -> RunError:
+    where = (f"the last good checkpoint is {ckpt.checkpoint_dir(out, last_saved)} (resume with --resume)"
+             if last_saved else "no checkpoint had been saved yet")
+    tips = [f"a lower --learning-rate (now {settings.learning_rate:g})", "--max-grad-norm 1.0",
+            "--warmup 0.05"]
+    if settings.dtype == "float16" or settings.dtype is None:
+        tips.append("--dtype float32 or bfloat16 (float16 overflows easily)")
+    return RunError(f"step {step}: the loss or gradients are not finite (loss {loss}, gradient norm {grad_norm}). "
+                    "Likely causes: a learning rate too high, float16 overflow, or a broken base model. "
+                    f"Try {', '.join(tips)}. Nothing from this step was saved; {where}.")

@@ -1,0 +1,45 @@
+"""Model changes that save memory or time and leave the results the same."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+from mlx import nn
+from mlx_lm.tuner.lora import LoRALinear
+
+
+def use_grad_checkpoint(model: nn.Module) -> None:
+    """Recompute each block's activations in the backward pass (per model: the blocks get a subclass)."""
+    subclasses: dict[type, type] = {}
+    for block in model.layers:
+        cls = type(block)
+        if cls not in subclasses:
+            call = cls.__call__
+
+            def checkpointed(self, x, *args, _call=call, **kwargs):
+                # only the hidden states are differentiated: fused attention has no gradient for a mask
+                def inner(params, x):
+                    self.update(params)
+                    return _call(self, x, *args, **kwargs)
+
+                return mx.checkpoint(inner)(self.trainable_parameters(), x)
+
+            subclasses[cls] = type(cls.__name__, (cls,), {"__call__": checkpointed})
+        block.__class__ = subclasses[cls]
+
+
+class _MixedPrecisionLoRA(LoRALinear):
+    """LoRALinear whose branch computes in the input's dtype; the adapter weights stay float32 (Adam's
+    small updates need that). mlx-lm's version multiplies bf16/fp16 inputs by float32 weights, which
+    makes (and keeps for the backward pass) a float32 copy of every adapted layer's input."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.linear(x)
+        z = (self.dropout(x) @ self.lora_a.astype(x.dtype)) @ self.lora_b.astype(x.dtype)
+        return y + (self.scale * z).astype(x.dtype)
+
+
+def use_mixed_precision_lora(model: nn.Module) -> None:
+    """Switch the LoRA layers to _MixedPrecisionLoRA (same parameters, same saved adapters)."""
+    for _, module in model.named_modules():
+        if type(module) is LoRALinear:
+            module.__class__ = _MixedPrecisionLoRA

@@ -1,0 +1,75 @@
+"""The compiled training steps.
+
+One optimizer step = `grad_accumulation_steps` micro-batches. Each micro-batch adds the gradient of its
+*summed* token loss; the update divides by the total number of loss tokens, so batch 4 and 2 x 2
+accumulation make the same update (and the data-parallel all-sum slots in at `_reduce`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any, NamedTuple
+
+import mlx.core as mx
+import mlx.optimizers as optim
+from mlx import nn
+from mlx.utils import tree_flatten, tree_map
+
+from lorakit.engine.model import distributed as dist
+from lorakit.engine.model.losses import batch_loss
+
+
+class Steps(NamedTuple):
+    """The compiled step functions; `state` is what they read and write (evaluate it with their outputs)."""
+
+    full: Callable  # (batch) -> (loss sum, tokens, grad norm): forward, backward and update in one graph
+    micro: Callable  # (batch, grad sum or None) -> (loss sum, tokens, grad sum): one accumulated micro-batch
+    apply: Callable  # (grad sum, tokens) -> grad norm: the update after the last micro-batch
+    state: list
+
+
+def compile_steps(model: nn.Module, optimizer: optim.Optimizer, head: str | None,
+                  max_grad_norm: float | None) -> Steps:
+    loss_and_grad = nn.value_and_grad(model, partial(batch_loss, head=head))
+    state = [model.state, optimizer.state, mx.random.state]
+
+    def update(grad, ntoks):
+        grad, ntoks = _reduce(grad, ntoks)
+        grad = tree_map(lambda g: g / ntoks, grad)
+        if max_grad_norm:
+            grad, norm = optim.clip_grad_norm(grad, max_grad_norm)
+        else:
+            norm = _global_norm(grad)
+        optimizer.update(model, grad)
+        return norm
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def full(batch):
+        (loss_sum, ntoks), grad = loss_and_grad(model, batch)
+        return loss_sum, ntoks, update(grad, ntoks)
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def micro(batch, grad_sum):
+        (loss_sum, ntoks), grad = loss_and_grad(model, batch)
+        if grad_sum is not None:
+            grad = tree_map(mx.add, grad, grad_sum)
+        return loss_sum, ntoks, grad
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def apply(grad, ntoks):
+        return update(grad, ntoks)
+
+    return Steps(full=full, micro=micro, apply=apply, state=state)
+
+
+def _global_norm(grad: Any) -> mx.array:
+    return mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grad)))
+
+
+def _reduce(grad: Any, ntoks: mx.array) -> tuple[Any, mx.array]:
+    """Combine gradient sums across data-parallel ranks: mean gradient over mean token count = sum over sum."""
+    w = dist.world()
+    if not w.is_distributed:
+        return grad, ntoks
+    return w.average_gradients(grad), w.sum(ntoks) / w.size
