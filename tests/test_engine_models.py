@@ -1,6 +1,7 @@
 """The one model loader: local dirs, --dtype / --quantize, errors that name what was given; and the BLAS report."""
 
 import ctypes
+import ctypes.util
 import json
 import os
 import shutil
@@ -9,9 +10,9 @@ import sys
 from types import SimpleNamespace
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx import nn
 
 from lorakit import blas
 from lorakit.engine.model.loading import load_model, resolve_model_path
@@ -107,7 +108,23 @@ def test_missing_gfortran_is_named(monkeypatch):
     text = blas.load_first([("/x/cmeel.prefix/lib/libopenblas.so.0", "cmeel-openblas")])
     assert text.startswith("reference (slow matmuls")
     assert "cmeel-openblas could not load: it needs the GNU Fortran runtime libgfortran.so.5" in text
+    assert "reinstall lorakit[cpu] (it brings scipy-openblas32, which ships its own)" in text
     assert "apt-get install libgfortran5" in text
+
+
+def test_prefixed_openblas_is_refused_with_the_pin():
+    # scipy-openblas32 >= 0.3.24 exports only scipy_cblas_sgemm & co.; a library without cblas_sgemm stands in
+    libm = ctypes.util.find_library("m")
+    text = blas.load_first([(libm, "scipy-openblas32")])
+    assert text.startswith("reference (slow matmuls")
+    assert "scipy-openblas32 has no unprefixed cblas_sgemm for MLX to use" in text
+    assert f"install scipy-openblas32=={blas.SCIPY_OPENBLAS_PIN}" in text
+
+
+def test_the_cpu_extras_openblas_comes_first():
+    # the `cpu` extra installs scipy-openblas32 (own Fortran runtime); cmeel-openblas and the system's come after
+    sources = [source for _, source in blas._candidates()]
+    assert sources and sources[0] == "scipy-openblas32", sources
 
 
 @pytest.mark.parametrize("off", [False, True])
@@ -121,6 +138,7 @@ def test_version_reports_the_blas(off):
     if off:
         assert blas_line == "blas: reference (LORAKIT_NO_OPENBLAS set)"
     else:
-        # this machine has cmeel-openblas and libgfortran5 installed (the `cpu` extra + README prerequisite)
-        assert blas_line.startswith("blas: OpenBLAS 0.3.") and blas_line.endswith("(cmeel-openblas)")
+        # the `cpu` extra's scipy-openblas32, whatever else is installed (tests/test_blas_install.py: without
+        # the system's libgfortran too); e.g. "blas: OpenBLAS 0.3.23.dev Haswell (scipy-openblas32)"
+        assert blas_line.startswith("blas: OpenBLAS 0.3.") and blas_line.endswith("(scipy-openblas32)")
     assert out.startswith("lorakit ") and "\nmlx 0.32" in out and "device: " in out
