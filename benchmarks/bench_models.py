@@ -32,6 +32,13 @@ SHAPES: dict[str, dict[str, Any]] = {
         "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "rope_scaling": LLAMA32_ROPE,
         "tie_word_embeddings": True, "max_position_embeddings": 131072,
     },
+    "llama-3.1-8b": {
+        "model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 14336,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "rope_scaling": {**LLAMA32_ROPE, "factor": 8.0}, "tie_word_embeddings": False,
+        "max_position_embeddings": 131072,
+    },
     "llama-3.2-3b": {
         "model_type": "llama", "hidden_size": 3072, "num_hidden_layers": 28, "intermediate_size": 8192,
         "num_attention_heads": 24, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
@@ -49,8 +56,12 @@ class BenchModel:
     path: Path | None  # a model directory when there is one (tiny fixture, given path)
 
 
-def build(name: str, dtype: str, seed: int = 0, scratch: Path | None = None) -> BenchModel:
-    """Load or build the model `name` in `dtype` (same weights in every process for a given seed)."""
+def build(name: str, dtype: str, seed: int = 0, scratch: Path | None = None, quantize: int | None = None
+          ) -> BenchModel:
+    """Load or build the model `name` in `dtype` (same weights in every process for a given seed).
+
+    `quantize` (4 or 8) quantizes a built shape as `mlx_lm convert -q` does (group size 64), for QLoRA runs.
+    """
     from lorakit.blas import preload
 
     preload()  # OpenBLAS before mlx is first imported, unless LORAKIT_NO_OPENBLAS=1 (keep it above the mlx import)
@@ -65,6 +76,11 @@ def build(name: str, dtype: str, seed: int = 0, scratch: Path | None = None) -> 
         model = module.Model(module.ModelArgs.from_dict(config))
         model.set_dtype(getattr(mx, dtype))
         mx.eval(model.parameters())
+        if quantize:
+            from mlx_lm.utils import quantize_model
+
+            model, config = quantize_model(model, config, group_size=64, bits=quantize)
+            mx.eval(model.parameters())
         return BenchModel(model, config, name, None)
     if name == "tiny":
         from lorakit.testing import tiny_model_dir

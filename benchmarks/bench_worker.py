@@ -51,7 +51,8 @@ def flops_per_trained_token(model, config: dict, examples: list, mask_prompt: bo
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
-    bm = bench_models.build(spec["model"], spec["dtype"], seed=spec["seed"], scratch=Path(spec["scratch"]))
+    bm = bench_models.build(spec["model"], spec["dtype"], seed=spec["seed"], scratch=Path(spec["scratch"]),
+                            quantize=spec.get("quantize"))
     blas = blas_loaded()
     count = spec["batch_size"] * (spec["warmup"] + spec["steps"])
     examples = bench_data.make(spec["data"], count, bm.config["vocab_size"], spec["max_len"], seed=spec["seed"],

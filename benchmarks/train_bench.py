@@ -136,7 +136,9 @@ def _render(report: dict) -> None:
 @app.command()
 def main(
     model: Annotated[str, typer.Option(help="tiny, a model dir / .gguf, or a shape: smollm2-135m, qwen2.5-0.5b, "
-                                            "llama-3.2-1b, llama-3.2-3b (random weights).")] = "tiny",
+                                            "llama-3.2-1b, llama-3.2-3b, llama-3.1-8b (random weights).")] = "tiny",
+    quantize: Annotated[int | None, typer.Option(help="Quantize a random-weight shape to 4 or 8 bits "
+                                                      "(group 64, as mlx_lm convert -q) for QLoRA.")] = None,
     dtype: Annotated[str | None, typer.Option(help="bfloat16/float16/float32 (default: bf16 on GPU, "
                                                       "fp32 on CPU).")] = None,
     data: Annotated[str, typer.Option(help="uniform (~1000-token chats) or longtail (50-2000 tokens).")] = "uniform",
@@ -165,7 +167,7 @@ def main(
     dtype = dtype or ("bfloat16" if gpu else "float32")
     names = [t.strip() for t in trainers.split(",") if t.strip()] or (
         ["lorakit", "mlx-lm"] if gpu else ["lorakit", "mlx-lm", "mlx-lm-ref"])
-    spec = {"model": model, "dtype": dtype, "data": data, "mask_prompt": mask_prompt, "batch_size": batch_size,
+    spec = {"model": model, "dtype": dtype, "quantize": quantize, "data": data, "mask_prompt": mask_prompt, "batch_size": batch_size,
             "max_len": max_len, "length_scale": length_scale, "steps": steps, "warmup": warmup,
             "ref_steps": ref_steps, "rank": 8, "scale": 20.0, "lr": 1e-5, "seed": seed,
             "grad_checkpoint": grad_checkpoint, "lorakit_opts": dict(kv.split("=", 1) for kv in lorakit_opt)}

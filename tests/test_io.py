@@ -19,9 +19,9 @@ def test_second_lock_on_one_output_is_refused_and_released_after(tmp_path):
         lock = tmp_path / ".run.lock"
         holder = json.loads(lock.read_text())
         assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
-        with pytest.raises(UserError, match=r"--adapter-path .*run: in use by another lorakit run \(pid"):
-            with output_lock(out, "--adapter-path"):
-                pass
+        with pytest.raises(UserError, match=r"--adapter-path .*run: in use by another lorakit run \(pid"), \
+                output_lock(out, "--adapter-path"):
+            pass
     assert not lock.exists()
     with output_lock(out, "--adapter-path"):  # free again
         pass
@@ -29,7 +29,7 @@ def test_second_lock_on_one_output_is_refused_and_released_after(tmp_path):
 
 def test_stale_lock_is_taken_over_and_leftovers_cleared(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()
+                          text=True, check=True).stdout.strip()
     (tmp_path / ".out.lock").write_text(json.dumps({"pid": int(dead), "host": socket.gethostname()}))
     leftover = staging_dir(tmp_path / "out")
     other = staging_dir(tmp_path / "out.v2")  # another output's staging: not ours to remove
@@ -41,9 +41,8 @@ def test_stale_lock_is_taken_over_and_leftovers_cleared(tmp_path):
 
 def test_lock_of_another_host_is_respected(tmp_path):
     (tmp_path / ".out.lock").write_text(json.dumps({"pid": 1, "host": "elsewhere", "since": "x"}))
-    with pytest.raises(UserError, match="elsewhere"):
-        with output_lock(tmp_path / "out", "--out"):
-            pass
+    with pytest.raises(UserError, match="elsewhere"), output_lock(tmp_path / "out", "--out"):
+        pass
 
 
 @pytest.mark.parametrize("relation", ["same", "contains", "inside"])
