@@ -6,9 +6,10 @@ checkpoint; `lorakit.engine.training.trainer.Trainer` then runs the loop.
 
 from __future__ import annotations
 
+import contextlib
 import math
-import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlx.core as mx
@@ -24,12 +25,13 @@ from lorakit.engine.model.loading import LoadedModel, load_model
 from lorakit.engine.model.losses import loss_head
 from lorakit.engine.reporter import Reporter
 from lorakit.engine.training.optimizer import make_optimizer
+from lorakit.engine.training.output import RunOutput, remove_leftovers
 from lorakit.engine.training.result import CURVE, METRICS, REPORT, SETTINGS_FILE, RunSizes, TrainResult
 from lorakit.engine.training.speedups import use_grad_checkpoint, use_mixed_precision_lora
 from lorakit.engine.training.state import TrainState
 from lorakit.engine.training.trainer import Batches, Trainer
 from lorakit.errors import UserError
-from lorakit.io import sha256_file
+from lorakit.io import check_output_location, output_lock, sha256_file, staging_dir
 from lorakit.settings import TrainSettings, save_settings
 
 __all__ = ["CURVE", "METRICS", "REPORT", "SETTINGS_FILE", "TrainResult", "run", "use_grad_checkpoint",
@@ -41,6 +43,26 @@ def run(settings: TrainSettings, reporter: Reporter) -> TrainResult:
     world = dist.world()  # under mlx.launch: this rank of the data-parallel group (else a group of one)
     reporter = world.reporter(reporter)
     dist.check_batch_size(settings.batch_size, world)
+    # Before anything is written: an --adapter-path that is, holds or sits in an input would swallow it.
+    check_output_location(settings.adapter_path, "--adapter-path",
+                          [("--data", settings.data), ("--model", settings.model)])
+    with _adapter_path_lock(settings.adapter_path, world):
+        return _run(settings, reporter, world, wall_start)
+
+
+@contextlib.contextmanager
+def _adapter_path_lock(out: Path, world: dist.World) -> Iterator[None]:
+    """One run at a time in --adapter-path (rank 0 writes, so rank 0 holds the lock); a killed run's
+    half-written files are cleared under it."""
+    if not world.is_main:
+        yield
+        return
+    with output_lock(out, "--adapter-path"):
+        remove_leftovers(out)
+        yield
+
+
+def _run(settings: TrainSettings, reporter: Reporter, world: dist.World, wall_start: float) -> TrainResult:
     resume_ckpt, clear = _start_point(settings, reporter)
     split_path(settings.data, "train")  # fail on a wrong --data before the (slow) model load
     loaded = load_model(settings, reporter)
@@ -56,20 +78,20 @@ def run(settings: TrainSettings, reporter: Reporter) -> TrainResult:
         dist.check_resume_world(resume_ckpt, world)
         saved = ckpt.load_checkpoint(resume_ckpt, loaded.model, optimizer)
         state = _resumed_state(state, saved, resume_ckpt, train_set, batches.total_steps, reporter)
-    _claim_adapter_path(settings, state, batches, world, clear)
-    sizes = _sizes(loaded.model, train_set, valid_set)
-    _show_start(settings, loaded, lora_parameters, train_set, valid_set, batches, sizes, reporter)
-    with dist.lost_rank_errors(world):
+    output = _claim_adapter_path(settings, state, batches, world, clear, reporter)
+    with output.kept_on_failure(), dist.lost_rank_errors(world):
+        sizes = _sizes(loaded.model, train_set, valid_set)
+        _show_start(settings, loaded, lora_parameters, train_set, valid_set, batches, sizes, reporter)
         trainer = Trainer(settings, reporter, world=world, loaded=loaded, head=head, adapter_cfg=adapter_cfg,
                           optimizer=optimizer, batches=batches, state=state, sizes=sizes,
-                          resumed_from=resume_ckpt, wall_start=wall_start)
+                          resumed_from=resume_ckpt, wall_start=wall_start, output=output)
         return trainer.train()
 
 
 def _start_point(settings: TrainSettings, reporter: Reporter) -> tuple[Path | None, bool]:
     """Check --adapter-path against --resume/--resume-from/--overwrite.
 
-    Returns the checkpoint to resume (or None) and whether the directory's old contents must be cleared.
+    Returns the checkpoint to resume (or None) and whether the directory's old contents are to be replaced.
     """
     out = settings.adapter_path
     if out.exists() and not out.is_dir():
@@ -78,6 +100,9 @@ def _start_point(settings: TrainSettings, reporter: Reporter) -> tuple[Path | No
         problem = ckpt.problem(settings.resume_from) if settings.resume_from.is_dir() else "not a directory"
         if problem:
             raise UserError(f"--resume-from {settings.resume_from}: {problem}")
+        if suspect := ckpt.suspect_reason(settings.resume_from):
+            reporter.warn(f"--resume-from {settings.resume_from}: marked suspect ({suspect}); resuming it "
+                          "as asked")
         return settings.resume_from, False
     has_files = out.is_dir() and any(out.iterdir())
     if settings.resume:
@@ -94,11 +119,6 @@ def _start_point(settings: TrainSettings, reporter: Reporter) -> tuple[Path | No
     return None, has_files
 
 
-def _clear(directory: Path) -> None:
-    for child in directory.iterdir():
-        shutil.rmtree(child) if child.is_dir() else child.unlink()
-
-
 def _load_splits(settings: TrainSettings, loaded: LoadedModel,
                  reporter: Reporter) -> tuple[Split, Split | None]:
     """The tokenized train split, and the validation split when --data has one."""
@@ -110,13 +130,18 @@ def _load_splits(settings: TrainSettings, loaded: LoadedModel,
     if (Path(settings.data) / "valid.jsonl").exists():
         return train_set, load("valid")
     if settings.early_stopping_patience:
-        raise UserError(f"--early-stopping-patience needs a validation split: no valid.jsonl in {settings.data}")
+        raise UserError("--early-stopping-patience needs a validation split: no valid.jsonl in "
+                        f"{settings.data}")
     reporter.warn(f"no valid.jsonl in {settings.data}: no validation, no best/ checkpoint")
     return train_set, None
 
 
 def _add_adapters(settings: TrainSettings, loaded: LoadedModel) -> tuple[dict, dict]:
     """Add the adapters (or unfreeze the model for full fine-tuning); return their parameters and config."""
+    blocks = len(loaded.model.layers)
+    if settings.num_layers != -1 and not 1 <= settings.num_layers <= blocks:
+        raise UserError(f"--num-layers {settings.num_layers}: {loaded.name} has {blocks} transformer blocks; "
+                        f"pass 1 to {blocks}, or -1 for all of them")
     mx.random.seed(settings.seed)
     lora_parameters = apply_adapters(loaded.model, settings)
     adapter_cfg = adapter_config(settings, loaded, lora_parameters)
@@ -136,8 +161,8 @@ def _plan_batches(settings: TrainSettings, train_set: Split, valid_set: Split | 
     total_steps = settings.iters or max(1, math.ceil((settings.epochs or 3.0) * steps_per_epoch))
     val_batches = []
     if valid_set is not None:
-        val_plan = BatchPlan(valid_set.examples, settings.batch_size, settings.max_seq_length, pack=settings.pack,
-                             seed=settings.seed)
+        val_plan = BatchPlan(valid_set.examples, settings.batch_size, settings.max_seq_length,
+                             pack=settings.pack, seed=settings.seed)
         dist.shard_plan(val_plan, world, reporter, "valid")
         order = val_plan.order(0)
         if settings.val_batches >= 0:
@@ -161,21 +186,27 @@ def _resumed_state(fresh: TrainState, saved: dict, checkpoint: Path, train_set: 
 
 
 def _claim_adapter_path(settings: TrainSettings, state: TrainState, batches: Batches, world: dist.World,
-                        clear: bool) -> None:
-    """Once every rank agrees on the run: empty --adapter-path if asked to, and save the settings there."""
+                        replace: bool, reporter: Reporter) -> RunOutput:
+    """Once every rank agrees on the run: where it writes (a staging directory when it replaces an old run),
+    with the settings saved there."""
     # A collective, so also a barrier: every rank has looked at --adapter-path before rank 0 writes into it.
     dist.check_same(world, {"step to resume from": state.step, "number of train batches": len(batches.plan)},
                     "every process must see the same --data and --adapter-path checkpoint (a shared folder, "
                     "or the same copy at the same path on every machine)")
     # Everything checked: only now touch --adapter-path (a bad flag or data file leaves it as it was).
-    if not world.is_main:
-        return
     out = settings.adapter_path
-    if clear:
-        _clear(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_settings(settings.model_copy(update={"resume": False, "overwrite": False, "resume_from": None}),
-                  out / SETTINGS_FILE)
+    if not world.is_main:
+        return RunOutput(out)
+    # --overwrite deletes nothing yet: the old run stays until this one has a good checkpoint or finishes.
+    output = RunOutput(out, staging_dir(out) if replace else None)
+    if replace:
+        reporter.log(f"--overwrite: training into {output.path}; it replaces {out} once it has a good "
+                     "checkpoint (a failed run leaves the old one as it is)")
+    output.path.mkdir(parents=True, exist_ok=True)
+    with output.kept_on_failure():
+        save_settings(settings.model_copy(update={"resume": False, "overwrite": False, "resume_from": None}),
+                      output.path / SETTINGS_FILE)
+    return output
 
 
 def _sizes(model: nn.Module, train_set: Split, valid_set: Split | None) -> RunSizes:
@@ -194,18 +225,20 @@ def _show_start(settings: TrainSettings, loaded: LoadedModel, lora_parameters: d
     s, trainable, total = settings, sizes.trainable_parameters, sizes.total_parameters
     micro_per_epoch, total_steps = len(batches.plan), batches.total_steps
     reporter.table("lorakit train", [
-        ("model", f"{loaded.name} ({loaded.source}{', quantized' if 'quantization' in loaded.config else ''})"),
+        ("model", f"{loaded.name} ({loaded.source}"
+                  f"{', quantized' if 'quantization' in loaded.config else ''})"),
         ("fine-tune", s.fine_tune_type if s.fine_tune_type == "full" else
          f"{s.fine_tune_type} rank {s.lora_rank}, alpha {s.lora_alpha:g}, scale {s.lora_scale:g}, "
          f"{len(lora_parameters.get('keys', []))} module kinds"),
         ("trainable", f"{trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)"),
         ("train data", (f"{len(train_set.examples)} examples ({train_set.format}, --train-on "
-                        f"{train_set.train_on}), {train_set.tokens:,} tokens, {train_set.loss_tokens:,} trained")),
+                        f"{train_set.train_on}), {train_set.tokens:,} tokens, "
+                        f"{train_set.loss_tokens:,} trained")),
         ("valid data", f"{len(valid_set.examples)} examples, {len(batches.val)} batches per eval"
          if valid_set else "none"),
         ("batches", (f"{s.batch_size} x {s.grad_accumulation_steps} accumulation = "
                      f"{s.batch_size * s.grad_accumulation_steps} effective"
                      f"{', packed' if s.pack else ''}; {micro_per_epoch} per epoch")),
-        ("steps", (f"{total_steps} ({total_steps / batches.steps_per_epoch:.2f} epochs), lr {s.learning_rate:g} "
-                   f"{s.lr_schedule}, {s.optimizer}")),
+        ("steps", (f"{total_steps} ({total_steps / batches.steps_per_epoch:.2f} epochs), "
+                   f"lr {s.learning_rate:g} {s.lr_schedule}, {s.optimizer}")),
     ])

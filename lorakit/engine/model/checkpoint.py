@@ -4,14 +4,15 @@ Layout under --adapter-path:
 
     checkpoints/step-000100/
         adapters.safetensors, adapter_config.json   mlx-lm adapter layout (each checkpoint is loadable)
-        optimizer.safetensors                        optimizer state (moments, step; the step drives the LR schedule)
+        optimizer.safetensors                        optimizer state (moments; the step drives the LR)
         trainer_state.json                           step, data position (epoch, batch index), best val loss,
                                                      seed (the RNG is re-seeded from (seed, step) every step)
         checksums.json                               sha256 of every file above (written last)
+        suspect.json                                 only when the loss on these weights was not finite
     best/                                            adapter with the lowest validation loss so far
 
 A checkpoint is written into a staging directory and renamed into place; one whose checksums are
-missing or wrong is reported and skipped in favour of the previous one.
+missing or wrong, or that is marked suspect, is reported and skipped by --resume for the previous one.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ CHECKPOINTS = "checkpoints"
 BEST = "best"
 STATE_FILE = "trainer_state.json"
 CHECKSUMS = "checksums.json"
+SUSPECT = "suspect.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -73,9 +75,29 @@ def save_checkpoint(adapter_path: Path, model: nn.Module, optimizer: optim.Optim
         replace_dir(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    prune(adapter_path, keep_last)
+    return target
+
+
+def prune(adapter_path: Path, keep_last: int) -> None:
+    """Drop all but the newest `keep_last` checkpoints."""
     for old in list_checkpoints(adapter_path)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-    return target
+
+
+def mark_suspect(ckpt: Path, reason: str) -> None:
+    """Flag a checkpoint whose weights gave a non-finite loss: --resume skips it; its files stay."""
+    write_json(Path(ckpt) / SUSPECT, {"reason": reason})
+
+
+def suspect_reason(ckpt: Path) -> str | None:
+    path = Path(ckpt) / SUSPECT
+    if not path.exists():
+        return None
+    try:
+        return str(json.loads(path.read_text()).get("reason") or "marked suspect")
+    except (OSError, ValueError, AttributeError):
+        return "marked suspect"
 
 
 def save_best(adapter_path: Path, model: nn.Module, adapter_cfg: dict, info: dict) -> Path:
@@ -113,12 +135,13 @@ def problem(ckpt: Path) -> str | None:
 
 
 def latest_valid(adapter_path: Path, reporter: Reporter) -> Path | None:
-    """The newest intact checkpoint; damaged newer ones are reported and skipped."""
+    """The newest intact checkpoint; damaged or suspect newer ones are reported and skipped."""
     for ckpt in reversed(list_checkpoints(adapter_path)):
         why = problem(ckpt)
-        if why is None:
+        suspect = suspect_reason(ckpt) if why is None else None
+        if why is None and suspect is None:
             return ckpt
-        reporter.warn(f"checkpoint {ckpt} is unusable: {why}; trying the previous one")
+        reporter.warn(f"checkpoint {ckpt} is unusable: {why or suspect}; trying the previous one")
     return None
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorakit.engine.model import checkpoint as ckpt
+from lorakit.engine.training.result import SETTINGS_FILE
 from lorakit.errors import RunError
 from lorakit.settings import TrainSettings
 
@@ -59,14 +60,26 @@ def oom_error(e: BaseException, settings: TrainSettings, step: int) -> RunError:
     return RunError(f"out of memory at step {step} ({e}). Try: " + "; ".join(hints))
 
 
-def nonfinite_error(settings: TrainSettings, step: int, loss: float, grad_norm: float, last_saved: int | None,
-                    out: Path) -> RunError:
-    where = (f"the last good checkpoint is {ckpt.checkpoint_dir(out, last_saved)} (resume with --resume)"
-             if last_saved else "no checkpoint had been saved yet")
+def nonfinite_error(settings: TrainSettings, step: int, what: str, *, out: Path, last_good: Path | None,
+                    suspect: Path | None, staged: bool) -> RunError:
+    """Exit 1 for a step that is not finite: what went wrong, what to try, and which checkpoint to resume.
+
+    `suspect`: the checkpoint this step's weights came from when the loss or gradient on them was not
+    finite (resuming it would fail the same way); `staged`: nothing of this run will be kept (--overwrite).
+    """
     tips = [f"a lower --learning-rate (now {settings.learning_rate:g})", "--max-grad-norm 1.0",
             "--warmup 0.05"]
     if settings.dtype == "float16" or settings.dtype is None:
         tips.append("--dtype float32 or bfloat16 (float16 overflows easily)")
-    return RunError(f"step {step}: the loss or gradients are not finite (loss {loss}, gradient norm {grad_norm}). "
-                    "Likely causes: a learning rate too high, float16 overflow, or a broken base model. "
-                    f"Try {', '.join(tips)}. Nothing from this step was saved; {where}.")
+    text = (f"step {step}: {what}. Likely causes: a learning rate too high, float16 overflow, or a broken "
+            f"base model. Try {', '.join(tips)}. Nothing from this step was saved")
+    if suspect is not None:
+        text += (f"; checkpoint {suspect} holds the weights this step started from, so resuming it would "
+                 f"fail the same way: it is marked suspect ({ckpt.SUSPECT}) and --resume skips it")
+    if staged:
+        return RunError(text + ".")
+    if last_good is None:
+        return RunError(text + "; no good checkpoint is left: start over (--overwrite) with a lower "
+                               "--learning-rate.")
+    return RunError(text + f"; the last good checkpoint is {last_good}: resume it with `lorakit train "
+                           f"--config {out / SETTINGS_FILE} --resume` and a lower --learning-rate.")

@@ -34,8 +34,8 @@ def loss_curve_svg(train: list[tuple[int, float]], val: list[tuple[int, float]],
         return f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{coords}"/>{dots}'
 
     parts = [
-        (f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" font-family="sans-serif" '
-         'font-size="11">'),
+        (f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" '
+         'font-family="sans-serif" font-size="11">'),
         f'<rect width="{WIDTH}" height="{HEIGHT}" fill="white"/>',
         f'<text x="{WIDTH / 2}" y="18" text-anchor="middle" font-size="13">{escape(title)}</text>',
         f'<line x1="{PAD}" y1="{HEIGHT - PAD}" x2="{WIDTH - PAD}" y2="{HEIGHT - PAD}" stroke="black"/>',

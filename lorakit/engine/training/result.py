@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
+from typing import Any
 
 METRICS = "metrics.jsonl"
 REPORT = "report.json"
@@ -49,10 +51,16 @@ class TrainResult:
     report_file: str
     world_size: int = 1  # processes under mlx.launch (data-parallel ranks)
 
+    def __post_init__(self) -> None:
+        # report.json and --json stay strict JSON: a NaN or inf is reported as null
+        for f in fields(self):
+            setattr(self, f.name, finite_or_none(getattr(self, f.name)))
+
     def summary_rows(self) -> list[tuple[str, str]]:
         """The "training summary" table."""
         return [
-            ("steps", f"{self.steps} ({self.epochs:g} epochs){' - stopped early' if self.stopped_early else ''}"),
+            ("steps", f"{self.steps} ({self.epochs:g} epochs)"
+                      f"{' - stopped early' if self.stopped_early else ''}"),
             ("val loss", (f"{_fmt(self.initial_val_loss)} -> {_fmt(self.final_val_loss)} "
                           f"(best {_fmt(self.best_val_loss)} at step {self.best_step})")),
             ("train loss", _fmt(self.final_train_loss)),
@@ -64,3 +72,14 @@ class TrainResult:
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+def finite_or_none(value: Any) -> Any:
+    """`value` with every NaN / inf float (also inside dicts and lists) replaced by None: JSON has no NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value

@@ -3,6 +3,9 @@
 One optimizer step = `grad_accumulation_steps` micro-batches. Each micro-batch adds the gradient of its
 *summed* token loss; the update divides by the total number of loss tokens, so batch 4 and 2 x 2
 accumulation make the same update (and the data-parallel all-sum slots in at `_reduce`).
+
+The update also returns how many trainable weight tensors hold a NaN or inf afterwards: one fused reduction
+inside the compiled graph, so a step whose update blew up is never saved or reported.
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ from lorakit.engine.model.losses import batch_loss
 class Steps(NamedTuple):
     """The compiled step functions; `state` is what they read and write (evaluate it with their outputs)."""
 
-    full: Callable  # (batch) -> (loss sum, tokens, grad norm): forward, backward and update in one graph
+    full: Callable  # (batch) -> (loss sum, tokens, grad norm, non-finite weights): forward, backward, update
     micro: Callable  # (batch, grad sum or None) -> (loss sum, tokens, grad sum): one accumulated micro-batch
-    apply: Callable  # (grad sum, tokens) -> grad norm: the update after the last micro-batch
+    apply: Callable  # (grad sum, tokens) -> (grad norm, non-finite weights): the update after the last micro
     state: list
 
 
@@ -42,12 +45,12 @@ def compile_steps(model: nn.Module, optimizer: optim.Optimizer, head: str | None
         else:
             norm = _global_norm(grad)
         optimizer.update(model, grad)
-        return norm
+        return norm, _nonfinite_tensors(model.trainable_parameters())
 
     @partial(mx.compile, inputs=state, outputs=state)
     def full(batch):
         (loss_sum, ntoks), grad = loss_and_grad(model, batch)
-        return loss_sum, ntoks, update(grad, ntoks)
+        return loss_sum, ntoks, *update(grad, ntoks)
 
     @partial(mx.compile, inputs=state, outputs=state)
     def micro(batch, grad_sum):
@@ -63,12 +66,18 @@ def compile_steps(model: nn.Module, optimizer: optim.Optimizer, head: str | None
     return Steps(full=full, micro=micro, apply=apply, state=state)
 
 
+def _nonfinite_tensors(params: Any) -> mx.array:
+    """How many of the tensors hold a NaN or inf (a count of tensors: a count of values could overflow)."""
+    flags = (mx.any(mx.logical_not(mx.isfinite(p))).astype(mx.int32) for _, p in tree_flatten(params))
+    return sum(flags, mx.array(0, mx.int32))
+
+
 def _global_norm(grad: Any) -> mx.array:
     return mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grad)))
 
 
 def _reduce(grad: Any, ntoks: mx.array) -> tuple[Any, mx.array]:
-    """Combine gradient sums across data-parallel ranks: mean gradient over mean token count = sum over sum."""
+    """Combine gradient sums across data-parallel ranks: mean gradient / mean token count = sum / sum."""
     w = dist.world()
     if not w.is_distributed:
         return grad, ntoks

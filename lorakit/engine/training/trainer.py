@@ -20,10 +20,11 @@ from lorakit.engine.reporter import Reporter
 from lorakit.engine.training import failures
 from lorakit.engine.training.loss_curve import write_loss_curve
 from lorakit.engine.training.metrics_log import MetricsLog
+from lorakit.engine.training.output import RunOutput
 from lorakit.engine.training.result import CURVE, METRICS, REPORT, SETTINGS_FILE, RunSizes, TrainResult
 from lorakit.engine.training.state import LastSeen, ReportWindow, TrainState
 from lorakit.engine.training.steps import compile_steps
-from lorakit.errors import Interrupted
+from lorakit.errors import Interrupted, RunError
 from lorakit.io import write_json
 from lorakit.settings import TrainSettings
 
@@ -43,25 +44,35 @@ class Trainer:
 
     def __init__(self, settings: TrainSettings, reporter: Reporter, *, world: dist.World, loaded: LoadedModel,
                  head: str | None, adapter_cfg: dict, optimizer: optim.Optimizer, batches: Batches,
-                 state: TrainState, sizes: RunSizes, resumed_from: Path | None, wall_start: float) -> None:
+                 state: TrainState, sizes: RunSizes, resumed_from: Path | None, wall_start: float,
+                 output: RunOutput) -> None:
         self.settings, self.reporter, self.world = settings, reporter, world
         self.model, self.model_name, self.head = loaded.model, loaded.name, head
         self.adapter_cfg = adapter_cfg
         self.optimizer, self.batches, self.state, self.sizes = optimizer, batches, state, sizes
         self.resumed_from, self.wall_start = resumed_from, wall_start
-        self.out = settings.adapter_path
+        self.output = output
         self.prior_elapsed = state.elapsed  # wall time of the run before this resume
         resume_step = state.step if resumed_from else None
-        self.metrics = MetricsLog(self.out / METRICS, resume_step, write=world.is_main)
+        self.metrics = MetricsLog(self.out / METRICS, resume_step, write=world.is_main, warn=reporter.warn)
         self.steps = compile_steps(self.model, optimizer, head, settings.max_grad_norm)
         self.train_batches = batches.plan.iterate(state.epoch, state.batch_index)
         self.window, self.last = ReportWindow(), LastSeen()
-        self.last_saved = state.step if resumed_from else None
+        self.resume_step = self.last_saved = state.step if resumed_from else None
+        # The newest checkpoint is unverified until a step has run on its weights with a finite loss and
+        # gradient; till then the one before it is kept too, and an --overwrite run stays staged.
+        self.unverified = False
+        self.last_batch: dict | None = None
         self.grad_norm = 0.0
         self.stop = failures.StopRequest()
         self.stops_everywhere = 0.0  # stop requests summed over the ranks at the last step
         self.in_step = self.stopped_early = False
         self.beat = lambda: None  # the watchdog's, while the loop runs
+
+    @property
+    def out(self) -> Path:
+        """Where this run writes now (its staging directory until an --overwrite run is published)."""
+        return self.output.path
 
     def train(self) -> TrainResult:
         """Train to the last step or an early stop; then write the adapter, loss curve and report.json."""
@@ -95,6 +106,8 @@ class Trainer:
                 self.validate()
                 if s.early_stopping_patience and self.state.evals_since_best >= s.early_stopping_patience:
                     self.stopped_early = True
+            elif step == total:
+                self._check_final_weights()
             if step % s.save_every == 0 or step == total or self.stopped_early:
                 self.save()
             self._show_progress()
@@ -107,47 +120,114 @@ class Trainer:
                 raise KeyboardInterrupt
 
     def step(self) -> None:
-        """One optimizer step; stops the run if its loss or gradient is not finite."""
+        """One optimizer step; stops the run if its loss, gradient or updated weights are not finite."""
         tic = time.perf_counter()
         self.in_step = True
         # The RNG (dropout) follows from (seed, step) alone, so a resumed run draws the same numbers.
         mx.random.seed((self.settings.seed * 1_000_003 + self.state.step) % 2**63)
-        loss_sum, ntoks, grad_norm = self._micro_batches()
+        loss_sum, ntoks, grad_norm, nonfinite = self._micro_batches()
         # Totals over all ranks; a Ctrl-C seen by any rank stops all of them after the same step.
         loss_sum, ntoks, self.stops_everywhere = self.world.sum_floats(loss_sum, ntoks,
                                                                        float(self.stop.requested))
         self.state.step += 1
         self.beat()
         self.in_step = False
-        if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
-            raise failures.nonfinite_error(self.settings, self.state.step, loss_sum / max(ntoks, 1),
-                                           grad_norm, self.last_saved, self.out)
+        self._check_step(loss_sum / max(ntoks, 1), grad_norm, nonfinite)
         self.state.trained_tokens += int(ntoks)
         self.grad_norm = grad_norm
         self.window.add(loss_sum, int(ntoks), time.perf_counter() - tic)
 
-    def _micro_batches(self) -> tuple[float, float, float]:
-        """Forward and backward over the step's micro-batches, then the update; (loss sum, tokens, norm)."""
+    def _micro_batches(self) -> tuple[float, float, float, int]:
+        """Forward and backward over the step's micro-batches, then the update.
+
+        Returns (loss sum, tokens, gradient norm, weight tensors the update made non-finite)."""
         steps, accum = self.steps, self.settings.grad_accumulation_steps
         loss_sum = ntoks = 0.0
         grad = tok_sum = None
         for micro in range(accum):
             epoch, index, batch = next(self.train_batches)
-            arrays = batch.to_mx()
+            arrays = self.last_batch = batch.to_mx()
             if accum == 1:
-                l, n, norm = steps.full(arrays)
-                mx.eval(steps.state, l, n, norm)
+                loss, n, norm, bad = steps.full(arrays)
+                mx.eval(steps.state, loss, n, norm, bad)
             else:
-                l, n, grad = steps.micro(arrays, grad)
+                loss, n, grad = steps.micro(arrays, grad)
                 tok_sum = n if tok_sum is None else tok_sum + n
                 if micro == accum - 1:
-                    norm = steps.apply(grad, tok_sum)
-                    mx.eval(steps.state, l, tok_sum, norm)
+                    norm, bad = steps.apply(grad, tok_sum)
+                    mx.eval(steps.state, loss, tok_sum, norm, bad)
                 else:
-                    mx.eval(grad, l, tok_sum)
-            loss_sum, ntoks = loss_sum + l.item(), ntoks + n.item()
+                    mx.eval(grad, loss, tok_sum)
+            loss_sum, ntoks = loss_sum + loss.item(), ntoks + n.item()
             self.state.move_past(epoch, index, len(self.batches.plan))
-        return loss_sum, ntoks, norm.item()
+        return loss_sum, ntoks, norm.item(), bad.item()
+
+    def _check_step(self, loss: float, grad_norm: float, nonfinite: int) -> None:
+        """Stop at a non-finite step; a finite one verifies the newest checkpoint (its weights gave a finite
+        loss and gradient)."""
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise self._blow_up(f"the loss or gradients are not finite (loss {loss}, gradient norm "
+                                f"{grad_norm})", started_bad=True)
+        if nonfinite:
+            raise self._blow_up(f"the update made {nonfinite} trainable weight tensor(s) NaN or inf (loss "
+                                f"{loss:.4g}, gradient norm {grad_norm:.4g})", started_bad=False)
+        if self.unverified:
+            self._verified()
+
+    def _blow_up(self, what: str, started_bad: bool) -> RunError:
+        """The error that ends the run at a non-finite step.
+
+        `started_bad`: the loss or gradient computed on the weights the step started from was not finite. If
+        those weights are the newest checkpoint, resuming it would fail the same way: it is marked suspect.
+        """
+        step, newest, staged = self.state.step, self.last_saved, self.output.staging is not None
+        suspect = None
+        if started_bad and newest is not None and newest == step - 1:
+            suspect = ckpt.checkpoint_dir(self.out, newest)
+            if newest == self.resume_step and Path(self.resumed_from).resolve() != suspect.resolve():
+                suspect = None  # a --resume-from outside --adapter-path: not ours to mark
+            elif self.world.is_main and not staged and suspect.is_dir():
+                ckpt.mark_suspect(suspect, f"the loss or gradient computed on its weights at step {step} was "
+                                           "not finite")
+            newest -= 1
+        return failures.nonfinite_error(self.settings, step, what, out=self.out, staged=staged,
+                                        suspect=None if staged else suspect,
+                                        last_good=self._last_good(newest))
+
+    def _last_good(self, limit: int | None) -> Path | None:
+        """The newest checkpoint up to step `limit` that is not marked suspect."""
+        if limit is None:
+            return None
+        found = [(int(p.name.split("-")[1]), p) for p in ckpt.list_checkpoints(self.out)]
+        if self.resumed_from is not None:
+            found.append((self.resume_step, Path(self.resumed_from)))
+        good = [(n, p) for n, p in found if n <= limit and ckpt.suspect_reason(p) is None]
+        return max(good)[1] if good else None
+
+    def _check_final_weights(self) -> None:
+        """Without validation no loss is ever computed on the last update's weights: one forward pass over the
+        last batch checks them before they are saved."""
+        self.model.eval()
+        loss, n = batch_loss(self.model, self.last_batch, self.head)
+        mx.eval(loss, n)
+        self.model.train()
+        loss_sum, ntoks = self.world.sum_floats(loss.item(), n.item())
+        if not math.isfinite(loss_sum):
+            raise self._blow_up(f"the loss on the final weights is not finite ({loss_sum / max(ntoks, 1)})",
+                                started_bad=False)
+
+    def _verified(self) -> None:
+        """A step ran on the newest checkpoint's weights with a finite loss and gradient: it is a good one."""
+        self.unverified = False
+        if self.world.is_main and self.settings.keep_last < 2:
+            ckpt.prune(self.out, self.settings.keep_last)
+        self._publish()
+
+    def _publish(self) -> None:
+        """An --overwrite run takes the place of the old --adapter-path (it has a checkpoint to keep)."""
+        if self.world.is_main and self.output.publish():
+            self.metrics.path = self.out / METRICS
+            self.reporter.log(f"--overwrite: {self.out} now holds this run; its previous contents are gone")
 
     def report(self) -> None:
         """A train row for the steps since the last one: metrics.jsonl and the reporter."""
@@ -167,6 +247,10 @@ class Trainer:
         """Validation loss now; updates the best (and best/), metrics.jsonl and the loss curve."""
         tic = time.perf_counter()
         val_loss = self._val_loss()
+        if not math.isfinite(val_loss):  # never reported, never best/
+            untrained = " of the untrained model" if self.state.step == 0 else ""
+            raise self._blow_up(f"the validation loss{untrained} is not finite ({val_loss})",
+                                started_bad=False)
         row = {"iteration": self.state.step, "epoch": self._epoch(), "val_loss": val_loss,
                "val_time": time.perf_counter() - tic, "elapsed": self.elapsed()}
         self._track_best(val_loss)
@@ -182,9 +266,9 @@ class Trainer:
         self.model.eval()
         loss_sum = ntoks = 0.0
         for b in self.batches.val:
-            l, n = batch_loss(self.model, b, self.head)  # eager: a compile per validation shape costs more
-            mx.eval(l, n)
-            loss_sum, ntoks = loss_sum + l.item(), ntoks + n.item()
+            loss, n = batch_loss(self.model, b, self.head)  # eager: a compile per validation shape costs more
+            mx.eval(loss, n)
+            loss_sum, ntoks = loss_sum + loss.item(), ntoks + n.item()
             self.beat()
         self.model.train()
         loss_sum, ntoks = self.world.sum_floats(loss_sum, ntoks)
@@ -207,25 +291,28 @@ class Trainer:
         """A checkpoint of this step (written by rank 0)."""
         self.state.elapsed = self.elapsed()
         if self.world.is_main:
+            # the checkpoint before stays too until this one is verified (see _verified)
             path = ckpt.save_checkpoint(self.out, self.model, self.optimizer, self.adapter_cfg,
-                                        self.state.to_dict(), self.settings.keep_last)
+                                        self.state.to_dict(), max(self.settings.keep_last, 2))
             self.reporter.on_save(str(path), self.state.step)
         self.last_saved = self.state.step
+        self.unverified = True
 
     def on_interrupt(self) -> Interrupted:
         """After Ctrl-C: save the last finished step unless it is saved already, and say how to resume."""
         self.reporter.finish()
         step = self.state.step
+        if not self.in_step and step and self.last_saved != step:
+            self.save()
+        if self.last_saved is None:
+            where = f"inside step {step + 1} (abandoned)" if self.in_step else "before the first step"
+            return Interrupted(f"stopped {where}; nothing was saved. Run the same command again to start "
+                               "over (with --overwrite)")
+        self._publish()  # the resume command below must find its checkpoint in --adapter-path
         resume = f"lorakit train --config {self.out / SETTINGS_FILE} --resume"
         if self.in_step:
-            where = (f"the newest checkpoint is step {self.last_saved}" if self.last_saved
-                     else "no checkpoint was saved")
-            return Interrupted(f"stopped inside step {step + 1} (abandoned); {where}. Resume with: {resume}")
-        if step == 0:
-            return Interrupted("stopped before the first step; nothing to save. Run the same command again "
-                               "to start over (with --overwrite)")
-        if self.last_saved != step:
-            self.save()
+            return Interrupted(f"stopped inside step {step + 1} (abandoned); the newest checkpoint is step "
+                               f"{self.last_saved}. Resume with: {resume}")
         return Interrupted(f"saved checkpoint at step {step}. Resume with: {resume}")
 
     def _finish(self) -> TrainResult:
@@ -234,18 +321,19 @@ class Trainer:
             save_adapter(self.model, self.out, self.adapter_cfg)
             self.reporter.on_save(str(self.out / ADAPTER_FILE), self.state.step)
             self._write_curve()
+            ckpt.prune(self.out, self.settings.keep_last)  # the last weights passed their check
         result = self.result()
         if self.world.is_main:
             write_json(self.out / REPORT, asdict(result))
+        self._publish()
         self.reporter.table("training summary", result.summary_rows())
         return result
 
     def result(self) -> TrainResult:
-        st, out, wall = self.state, self.out, self.elapsed()
-        best_dir = out / ckpt.BEST
+        st, out, wall = self.state, self.output.final, self.elapsed()  # paths once the run is in place
         return TrainResult(
             adapter_path=str(out), adapter_file=str(out / ADAPTER_FILE),
-            best_path=str(best_dir) if best_dir.exists() else None,
+            best_path=str(out / ckpt.BEST) if (self.out / ckpt.BEST).exists() else None,
             steps=st.step, epochs=round(st.step / self.batches.steps_per_epoch, 4),
             best_step=st.best_step, best_val_loss=st.best_val_loss, initial_val_loss=st.initial_val_loss,
             final_val_loss=self.last.val_loss, final_train_loss=self.last.train_loss,
