@@ -3,7 +3,8 @@
 # JSON, tables and logs under $OUT.
 # Usage (repo root, after `source .gpu/b/setup.sh`):
 #   bash benchmarks/gpu_suite.sh [model] [steps] [seconds] [runs]
-# runs: comma list of attention, uniform, longtail, longtail_mask, longtail_pack, longtail_mask_pack
+# runs: comma list of attention, uniform, longtail, longtail_mask, longtail_pack, longtail_mask_pack,
+#       qlora_block, 8b_bf16, 8b_q4, uniform_lean (the QLoRA and lean-step runs; 8b_* use the Llama-3.1-8B shape)
 # (default: all, in that order; a run that would start past [seconds], default 530, is skipped).
 # mlx-lm always runs at batch 8; lorakit variants set their own batch (pack: rows of max_len tokens).
 set -u
@@ -11,6 +12,8 @@ OUT=${OUT:-bench-out}; mkdir -p "$OUT"
 MODEL=${1:-llama-3.2-1b}; STEPS=${2:-25}; END=$(( $(date +%s) + ${3:-530} ))
 RUNS=${4:-attention,uniform,longtail,longtail_mask,longtail_pack,longtail_mask_pack}
 B="python benchmarks/train_bench.py --model $MODEL --batch-size 8 --max-len ${MAX_LEN:-2048} --warmup 3 --steps $STEPS"
+# the 8B-shape runs of issue 15: batch 4 x ~1000-token examples (max length 1024), 20 timed steps
+B8="python benchmarks/train_bench.py --model llama-3.1-8b --data uniform --batch-size 4 --max-len 1024 --warmup 3 --steps ${STEPS8:-20}"
 PACK=(--trainers mlx-lm --variant pack-b3:pack=true,batch_size=3 --variant pack-b4:pack=true,batch_size=4
       --variant pack-b4-gc:pack=true,batch_size=4,grad_checkpoint=true)
 bench() {  # name, args...: stops at the suite's deadline
@@ -31,6 +34,11 @@ for run in ${RUNS//,/ }; do
     longtail_mask) bench longtail_mask $B --data longtail --mask-prompt --trainers mlx-lm,lorakit ;;
     longtail_pack) bench longtail_pack $B --data longtail "${PACK[@]}" ;;
     longtail_mask_pack) bench longtail_mask_pack $B --data longtail --mask-prompt "${PACK[@]}" ;;
+    qlora_block) echo "== qlora_block" | tee -a "$OUT/table.txt"
+                 python benchmarks/qlora_bench.py 2>>"$OUT/table.txt" >"$OUT/qlora_block.json" ;;
+    8b_bf16) bench 8b_bf16 $B8 --trainers mlx-lm,lorakit ;;
+    8b_q4) bench 8b_q4 $B8 --quantize 4 --trainers mlx-lm,lorakit --variant no-fast-qlora:fast_qlora=false ;;
+    uniform_lean) bench uniform_lean $B --data uniform --trainers mlx-lm,lorakit --variant no-lean:lean_activations=false ;;
     *) echo "unknown run: $run" >&2; exit 2 ;;
   esac
 done

@@ -16,12 +16,15 @@ import json
 import sys
 import time
 
-import lorakit.engine  # noqa: F401  (OpenBLAS before mlx on Linux CPU)
-import mlx.core as mx
-import numpy as np
-from mlx import nn
+from lorakit.blas import preload
 
-from lorakit.engine.model.qlora import use_dequantized_matmuls
+preload()  # OpenBLAS before mlx is first imported on Linux CPU: keep this call above the mlx imports
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+from mlx import nn  # noqa: E402
+
+from lorakit.engine.model.qlora import use_dequantized_matmuls  # noqa: E402
 
 SHAPES = {  # hidden, intermediate, query heads x head_dim, kv heads x head_dim
     "llama-3.1-8b": (4096, 14336, 4096, 1024),

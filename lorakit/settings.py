@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextvars
 import difflib
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -49,6 +50,17 @@ def _split_stop(value: Any) -> Any:
 
 CommaList = Annotated[list[str], NoDecode]
 FloatTriple = Annotated[tuple[float, float, float], NoDecode]
+Q_GROUP_SIZES = (32, 64, 128)  # the group sizes mx.quantize accepts
+
+
+def _check_group_size(value: int) -> int:
+    if value not in Q_GROUP_SIZES:
+        sizes = ", ".join(map(str, Q_GROUP_SIZES[:-1])) + f" or {Q_GROUP_SIZES[-1]}"
+        raise ValueError(f"must be {sizes}: the group sizes MLX quantizes with")
+    return value
+
+
+QGroupSize = Annotated[int, AfterValidator(_check_group_size)]
 
 
 class _YamlSource(PydanticBaseSettingsSource):
@@ -61,8 +73,9 @@ class _YamlSource(PydanticBaseSettingsSource):
 
 # Every settings class and mixin shares this config: pydantic merges the bases' configs, so a mixin with
 # BaseSettings' defaults would otherwise turn the LORAKIT_ prefix off (and read bare TEMP, MODEL, ...).
+# allow_inf_nan=False: `inf` and `nan` are refused in every float setting (flag, env or config), naming it.
 SETTINGS_CONFIG = SettingsConfigDict(env_prefix="LORAKIT_", extra="forbid", validate_default=True,
-                                     populate_by_name=True)
+                                     populate_by_name=True, allow_inf_nan=False)
 
 
 class Common(BaseSettings):
@@ -85,7 +98,7 @@ class SeedOption(BaseSettings):
 
     model_config = SETTINGS_CONFIG
 
-    seed: int = Field(0, description="Random seed (splits, shuffling, LoRA init, sampling).")
+    seed: int = Field(0, ge=0, lt=2**63, description="Random seed (splits, shuffling, LoRA init, sampling).")
 
 
 class ModelOptions(Common):
@@ -95,7 +108,7 @@ class ModelOptions(Common):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of --model.")
     trust_remote_code: bool = Field(False, description="Allow custom code from the model repo.")
     quantize: Literal[4, 8] | None = Field(None, description="Quantize a float base in memory (QLoRA).")
-    q_group_size: int = Field(64, gt=0, description="Group size for --quantize.")
+    q_group_size: QGroupSize = Field(64, description="Group size for --quantize (32, 64 or 128).")
     dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
         None, description="Cast a float base (de-quantize a quantized one) to this type."
     )
@@ -115,18 +128,31 @@ class PrepareSettings(SeedOption, Common):
     )
     system: str | None = Field(None, description="System prompt added to examples that have none.")
     template: str | None = Field(
-        None, description=f"Chat template: {', '.join(TEMPLATES)}, or a Jinja file (default: the tokenizer's)."
+        None,
+        description=f"Chat template: {', '.join(TEMPLATES)}, or a Jinja file (default: the tokenizer's).",
     )
-    model: str | None = Field(None, description="Model whose tokenizer counts tokens / supplies the template.")
-    tokenizer: str | None = Field(None, description="Tokenizer (tokenizer.json, model dir or .gguf) to count tokens.")
+    model: str | None = Field(
+        None, description="Model whose tokenizer counts tokens / supplies the template."
+    )
+    tokenizer: str | None = Field(
+        None, description="Tokenizer (tokenizer.json, model dir or .gguf) to count tokens."
+    )
     split: FloatTriple = Field((0.8, 0.1, 0.1), description="train,valid,test ratios.")
-    stratify_by: str | None = Field(None, description="Keep this field's label distribution equal across splits.")
+    stratify_by: str | None = Field(
+        None, description="Keep this field's label distribution equal across splits."
+    )
     group_by: str | None = Field(None, description="Records sharing this field's value stay in one split.")
-    on_error: Literal["fail", "skip"] = Field("fail", description="On a bad record: fail, or skip it to rejected.jsonl.")
-    max_error_rate: float = Field(0.05, ge=0, le=1, description="With --on-error skip, fail above this share.")
+    on_error: Literal["fail", "skip"] = Field(
+        "fail", description="On a bad record: fail, or skip it to rejected.jsonl."
+    )
+    max_error_rate: float = Field(
+        0.05, ge=0, le=1, description="With --on-error skip, fail above this share."
+    )
     max_chars: int | None = Field(None, gt=0, description="Reject examples longer than this many characters.")
     max_tokens: int | None = Field(None, gt=0, description="Reject examples longer than this many tokens.")
-    dedupe: bool = Field(True, description="Treat exact duplicates (after normalising whitespace) as bad records.")
+    dedupe: bool = Field(
+        True, description="Treat exact duplicates (after normalising whitespace) as bad records."
+    )
     overwrite: bool = Field(False, description="Replace a non-empty --out directory.")
 
     _split = field_validator("inputs", "field_map", mode="before")(_split_list)
@@ -134,18 +160,22 @@ class PrepareSettings(SeedOption, Common):
     @field_validator("split", mode="before")
     @classmethod
     def _parse_split(cls, value: Any) -> Any:
+        expected = "expected three numbers like 0.8,0.1,0.1 (train,valid,test)"
         if isinstance(value, str):
             try:
                 value = [float(x) for x in value.replace("/", ",").split(",")]
             except ValueError:
-                raise ValueError("expected three numbers like 0.8,0.1,0.1") from None
+                raise ValueError(expected) from None
+        if isinstance(value, (list, tuple)) and len(value) != 3:
+            raise ValueError(f"{expected}, not {len(value)}")
         return value
 
     @field_validator("split")
     @classmethod
     def _check_split(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
         if any(v < 0 for v in value) or abs(sum(value) - 1.0) > 1e-6 or value[0] <= 0:
-            raise ValueError(f"ratios must be >= 0, train > 0, and sum to 1 (got {','.join(map(str, value))})")
+            got = ",".join(map(str, value))
+            raise ValueError(f"ratios must be >= 0, train > 0, and sum to 1 (got {got})")
         return value
 
 
@@ -156,33 +186,48 @@ class TrainSettings(SeedOption, ModelOptions):
     lora_rank: int = Field(8, gt=0, description="LoRA rank r.")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch input.")
-    num_layers: int = Field(-1, description="Adapt the last N transformer blocks (-1: all).")
+    num_layers: int = Field(-1, ge=-1, description="Adapt the last N transformer blocks (-1: all).")
     target_modules: CommaList = Field(
         ["all-linear"], description="Module names or presets: attention, mlp, all-linear."
     )
     train_on: Literal["auto", "all", "completions", "assistant"] = Field(
-        "auto", description="Tokens that carry loss (auto: assistant for chats, completions for prompt/completion)."
+        "auto",
+        description="Tokens that carry loss (auto: assistant for chats, completions for prompt/completion).",
     )
     max_seq_length: int = Field(2048, gt=1, description="Truncate examples to this many tokens.")
     pack: bool = Field(False, description="Pack several examples per row (no cross-example attention).")
     batch_size: int = Field(4, gt=0, description="Examples (rows when packing) per step.")
     grad_accumulation_steps: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
     iters: int | None = Field(None, gt=0, description="Optimizer steps to train (overrides --epochs).")
-    epochs: float | None = Field(None, gt=0, description="Epochs to train when --iters is not given (default 3).")
+    epochs: float | None = Field(
+        None, gt=0, description="Epochs to train when --iters is not given (default 3)."
+    )
     learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
     optimizer: Literal["adam", "adamw", "sgd", "adafactor"] = Field("adamw", description="Optimizer.")
     weight_decay: float = Field(0.0, ge=0, description="Weight decay (adamw, sgd).")
-    lr_schedule: Literal["constant", "cosine", "linear"] = Field("constant", description="Learning-rate schedule.")
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field(
+        "constant", description="Learning-rate schedule."
+    )
     warmup: float = Field(0, ge=0, description="Warmup: steps if >= 1, else a fraction of all steps.")
-    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final LR as a fraction of peak (cosine, linear).")
+    min_lr_ratio: float = Field(
+        0.0, ge=0, le=1, description="Final LR as a fraction of peak (cosine, linear)."
+    )
     max_grad_norm: float | None = Field(None, gt=0, description="Clip the global gradient norm to this.")
     grad_checkpoint: bool = Field(False, description="Recompute activations in backward to save memory.")
+    fast_qlora: bool = Field(
+        True, description="Quantized base: de-quantize each weight just before its matmul (CPU, CUDA; not Metal)."
+    )
+    lean_activations: bool = Field(
+        True, description="Keep fewer activations for backward (SwiGLU recomputes its sigmoid)."
+    )
     steps_per_report: int = Field(10, gt=0, description="Log train loss every N steps.")
     steps_per_eval: int = Field(100, gt=0, description="Validate every N steps.")
     val_batches: int = Field(25, description="Validation batches per eval (-1: the whole valid set).")
     save_every: int = Field(100, gt=0, description="Checkpoint every N steps.")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept besides best/.")
-    early_stopping_patience: int | None = Field(None, gt=0, description="Stop after N evals without improvement.")
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="Stop after N evals without improvement."
+    )
     resume: bool = Field(False, description="Continue from the last checkpoint in --adapter-path.")
     resume_from: Path | None = Field(None, description="Continue from this checkpoint directory.")
     overwrite: bool = Field(False, description="Start over in a non-empty --adapter-path.")
@@ -226,7 +271,21 @@ class SamplingOptions(BaseSettings):
     _stop_strings = field_validator("stop", mode="before")(_split_stop)
 
 
-class EvalSettings(SeedOption, ModelOptions, SamplingOptions):
+class RenderingOptions(BaseSettings):
+    """How prompts are rendered, shared by eval and generate (default: the way the adapter was trained)."""
+
+    model_config = SETTINGS_CONFIG
+
+    chat_template: bool | None = Field(
+        None, description="Render prompts through a chat template, or as raw text (default: as the adapter "
+                          "was trained; the tokenizer's template without an adapter)."
+    )
+    template: str | None = Field(
+        None, description=f"Render prompts through this chat template: {', '.join(TEMPLATES)}, or a Jinja file."
+    )
+
+
+class EvalSettings(SeedOption, ModelOptions, SamplingOptions, RenderingOptions):
     data: Path = Field(description="Directory from `lorakit prepare`.")
     split: str = Field("test", description="Which split file to evaluate (train, valid, test).")
     adapter_path: Path | None = Field(None, description="Adapter directory from `lorakit train` (best/ if present).")
@@ -237,6 +296,11 @@ class EvalSettings(SeedOption, ModelOptions, SamplingOptions):
     )
     compare_base: bool = Field(False, description="Evaluate the base model too and show the change.")
     generate: bool = Field(False, description="Also generate answers and score them against references.")
+    prompt_delimiter: str | None = Field(
+        None, description="--generate on 'text' records: the prompt is the text up to and including the last "
+                          "occurrence of this string (e.g. '\\nA:'; \\n and \\t are understood), the "
+                          "reference the rest."
+    )
     judge: bool = Field(False, description="Pairwise judge mode: verdict accuracy and A/B swap consistency.")
     judge_template: str | None = Field(None, description="Jinja file for the judge prompt (default built in).")
     label_pattern: str | None = Field(None, description="Regex whose first group extracts a label.")
@@ -246,16 +310,31 @@ class EvalSettings(SeedOption, ModelOptions, SamplingOptions):
     out: Path | None = Field(None, description="Where eval.json and predictions.jsonl go.")
     overwrite: bool = Field(False, description="Replace existing eval outputs.")
 
-    _split = field_validator("labels", mode="before")(_split_list)
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _split_labels(cls, value: Any) -> Any:
+        labels = _split_list(value)
+        if isinstance(value, str) and value.strip() and not labels:
+            raise ValueError(f"no label in {value!r}; give names separated by commas, e.g. A,B,tie")
+        return labels
+
+    @field_validator("prompt_delimiter", mode="before")
+    @classmethod
+    def _unescape_delimiter(cls, value: Any) -> Any:
+        """`--prompt-delimiter '\\nA:'` as typed in a shell means a newline: \\n, \\t and \\\\ are decoded."""
+        if isinstance(value, str):
+            value = re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t"}.get(m[1], m[1]), value)
+            if not value:
+                raise ValueError("an empty delimiter splits nothing")
+        return value
 
 
-class GenerateSettings(SeedOption, ModelOptions, SamplingOptions):
+class GenerateSettings(SeedOption, ModelOptions, SamplingOptions, RenderingOptions):
     adapter_path: Path | None = Field(None, description="Adapter directory from `lorakit train`.")
     prompt: str | None = Field(None, description="The prompt ('-' reads stdin).")
     input: Path | None = Field(None, description="JSONL with `prompt` or `messages` per line.")
     output: Path | None = Field(None, description="Write JSONL results here (default stdout).")
     system: str | None = Field(None, description="System prompt.")
-    chat_template: bool = Field(True, description="Apply the tokenizer's chat template.")
     compare_base: bool = Field(False, description="Also answer with the base model, side by side.")
     batch_size: int = Field(8, gt=0, description="Prompts generated together for --input.")
     overwrite: bool = Field(False, description="Replace an existing --output file.")
@@ -266,17 +345,21 @@ class FuseSettings(ModelOptions):
     dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
         None, description="Type of the fused weights (default: the base's float type, else float16)."
     )
-    q_group_size: int = Field(
-        64, gt=0,
-        description="Group size for --quantize and --requantize (--requantize keeps a quantized base's by default).",
+    q_group_size: QGroupSize = Field(
+        64,
+        description="Group size for --quantize and --requantize (--requantize keeps a quantized base's by "
+                    "default).",
     )
     out: Path = Field(Path("fused_model"), description="Output model directory.")
-    requantize: Literal[4, 8] | None = Field(None, description="Quantize the fused weights (reports the error).")
+    requantize: Literal[4, 8] | None = Field(
+        None, description="Quantize the fused weights (reports the error)."
+    )
     export_gguf: Path | None = Field(None, description="Also write a GGUF file for llama.cpp.")
     gguf_type: Literal["f16", "q8_0"] = Field("f16", description="Tensor type of the GGUF export.")
     verify: bool = Field(True, description="Compare fused logits with base+adapter; fail on mismatch.")
     verify_tolerance: float | None = Field(
-        None, gt=0, description="Largest max logit difference --verify accepts (default: scaled by the dtype)."
+        None, gt=0,
+        description="Largest max logit difference --verify accepts (default: scaled by the dtype).",
     )
     overwrite: bool = Field(False, description="Replace an existing --out.")
 
@@ -338,17 +421,33 @@ def _translate_mlx_lm(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     return out, notes
 
 
+def _read_yaml(path: Path) -> Any:
+    """The config file's YAML data; an unreadable, binary or malformed file is a UserError naming it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"--config {path}: file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"--config {path}: is a directory; give a YAML file") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"--config {path}: not a text YAML file (invalid UTF-8 at byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.reader.ReaderError as e:  # control characters: a binary file that happens to be valid UTF-8
+        raise UserError(f"--config {path}: not a text YAML file (character #x{e.character:04x} at "
+                        f"position {e.position})") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"--config {path}: invalid YAML: {e}") from None
+
+
 def read_config(path: Path | None, command: str) -> tuple[dict[str, Any], list[str]]:
     """Read a YAML config for `command`: merge its section over top-level keys; check every key."""
     if path is None:
         return {}, []
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise UserError(f"--config {path}: file not found") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"--config {path}: invalid YAML: {e}") from None
+    raw = _read_yaml(path)
     if not isinstance(raw, dict):
         raise UserError(f"--config {path}: expected a mapping of settings, got {type(raw).__name__}")
     top = {k: v for k, v in raw.items() if k not in COMMANDS}
@@ -389,8 +488,10 @@ def format_validation_error(err: ValidationError) -> str:
         loc = [str(x) for x in e["loc"]]
         name = loc[0] if loc else ""
         where = f"{flag(name)} (env LORAKIT_{name.upper()}, config key '{name}')" if name else "settings"
-        msg = e["msg"]
-        if e["type"] == "missing":
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "missing" and len(loc) > 1:  # an item of a list or tuple
+            msg = f"item {loc[1]} is missing"
+        elif e["type"] == "missing":
             msg = f"required; pass {flag(name)}"
         elif "input" in e and e["type"] not in ("extra_forbidden",) and not isinstance(e["input"], dict):
             msg = f"{msg} (got {e['input']!r})"

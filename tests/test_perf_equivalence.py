@@ -100,13 +100,13 @@ class _Losses(Reporter):
         self.losses.append(info["train_loss"])
 
 
-def _train(tiny_model, data, out, straightforward, monkeypatch):
+def _train(tiny_model, data, out, straightforward, monkeypatch, **extra):
     if straightforward:
         monkeypatch.setattr(train_engine, "loss_head", lambda model: None)
     reporter = _Losses()
     settings = TrainSettings(model=str(tiny_model), data=data, adapter_path=out, iters=8, batch_size=4,
                              learning_rate=2e-3, steps_per_report=1, steps_per_eval=1000, save_every=1000,
-                             max_seq_length=128, lora_rank=4, lora_alpha=8, quiet=True)
+                             max_seq_length=128, lora_rank=4, lora_alpha=8, quiet=True, **extra)
     train_engine.run(settings, reporter)
     monkeypatch.undo()
     return reporter.losses
@@ -192,3 +192,60 @@ def test_grad_checkpoint_with_packing_gives_the_same_gradients(tiny_model):
     assert grad_a.keys() == grad_b.keys()
     for key in grad_a:
         assert mx.allclose(grad_a[key], grad_b[key], atol=1e-6, rtol=1e-4).item(), key
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_dequantized_matmul_is_as_exact_as_quantized_matmul(dtype):
+    from lorakit.engine.model.qlora import DequantizedLinear, use_dequantized_matmuls
+
+    mx.random.seed(0)
+    layer = nn.QuantizedLinear.from_linear(nn.Linear(256, 96, bias=True), group_size=32, bits=4)
+    layer.set_dtype(dtype)
+    x = mx.random.normal((3, 17, 256)).astype(dtype)
+    # the exact answer: the same quantized weights, de-quantized and multiplied in float64-like float32
+    w = mx.dequantize(layer.weight, layer.scales.astype(mx.float32), layer.biases.astype(mx.float32),
+                      group_size=32, bits=4)
+    exact_y = x.astype(mx.float32) @ w.T + layer.bias.astype(mx.float32)
+
+    def output_and_input_grad():
+        y = layer(x)
+        return y, mx.grad(lambda x: (layer(x).astype(mx.float32) ** 2).sum())(x)
+
+    ref_y, ref_grad = output_and_input_grad()
+    assert use_dequantized_matmuls(layer) == 1 and isinstance(layer, DequantizedLinear)
+    fast_y, fast_grad = output_and_input_grad()
+    assert layer.weight.dtype == mx.uint32  # still 4-bit in memory
+
+    def err(a, b):
+        return mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max().item()
+
+    if dtype == mx.float32:
+        assert err(fast_y, ref_y) <= 1e-5 * mx.abs(ref_y).max().item()
+        assert err(fast_grad, ref_grad) <= 1e-5 * mx.abs(ref_grad).max().item()
+    else:  # within bf16 rounding: no further from the exact answer than MLX's quantized kernel (+1 ulp)
+        ulp = 2.0 ** -7 * mx.abs(exact_y).max().item()
+        assert err(fast_y, exact_y) <= err(ref_y, exact_y) + ulp
+        assert err(fast_grad, ref_grad) <= 4 * ulp * mx.abs(ref_grad).max().item() / mx.abs(exact_y).max().item()
+
+
+def test_qlora_fast_path_trains_like_mlx_quantized_matmul(tiny_model, tmp_path, monkeypatch):
+    _chat_data(tmp_path / "data")
+    q = {"quantize": 4, "q_group_size": 32}
+    fast = _train(tiny_model, tmp_path / "data", tmp_path / "fast", False, monkeypatch, fast_qlora=True, **q)
+    plain = _train(tiny_model, tmp_path / "data", tmp_path / "plain", False, monkeypatch, fast_qlora=False, **q)
+    assert len(fast) == len(plain) == 8 and fast[-1] < fast[0]
+    np.testing.assert_allclose(fast, plain, rtol=1e-3)
+
+
+def test_lean_swiglu_gives_the_same_loss_and_gradients(tiny_model):
+    from lorakit.engine.training.lean import use_lean_swiglu
+
+    model = _lora_model(tiny_model)
+    arrays = BatchPlan(_examples(4, False), batch_size=4, max_seq_length=256, seed=0).build(0).to_mx()
+    (l_ref, _), g_ref = nn.value_and_grad(model, losses.batch_loss)(model, arrays, None)
+    assert use_lean_swiglu(model, {"hidden_act": "silu"}) == len(model.layers)
+    (l_lean, _), g_lean = nn.value_and_grad(model, losses.batch_loss)(model, arrays, None)
+    assert l_lean.item() == pytest.approx(l_ref.item(), rel=1e-6)
+    for (name, a), (_, b) in zip(tree_flatten(g_ref), tree_flatten(g_lean), strict=True):
+        assert mx.abs(a - b).max().item() <= 1e-5 * mx.abs(a).max().item(), name
+    assert use_lean_swiglu(_lora_model(tiny_model), {"hidden_act": "gelu"}) == 0

@@ -2,6 +2,10 @@
 
 import json
 import math
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,3 +55,42 @@ def test_loss_and_judge_on_the_real_model(real_model_gguf, judge_split, tmp_path
     assert len(rows) == 3
     assert all(r["judge_output"].strip() for r in rows)  # the model answered every prompt
     assert all(r["loss"] is not None and r["loss_tokens"] > 0 for r in rows)
+
+
+# ---- no third-party noise on stderr (issue 23) ----------------------------------------------------------------
+
+# `lorakit ARGS...` as a user without PyTorch runs it (the README's install has none): transformers then says
+# "PyTorch was not found..." when first imported, unless lorakit keeps its advice off stderr.
+_WITHOUT_TORCH = ("import sys; sys.modules['torch'] = None; sys.argv = ['lorakit', *sys.argv[1:]]; "
+                  "from lorakit.cli.app import main; main()")
+_NOISE = re.compile(r"PyTorch was not found|\[transformers\]|\w+Warning:|deprecated", re.IGNORECASE)
+
+
+def _lorakit(*args: str) -> subprocess.CompletedProcess:
+    # the variable lorakit sets in this test process must not hide a subprocess that would not set it
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
+    return subprocess.run([sys.executable, "-c", _WITHOUT_TORCH, *map(str, args)], check=False, capture_output=True,
+                          text=True, env=env, timeout=600)
+
+
+def test_no_third_party_noise_on_stderr(real_model_gguf, tmp_path):
+    raw = tmp_path / "sql.jsonl"
+    raw.write_text("".join(json.dumps({"text": f"table: t{i}\ncolumns: Name, Value\nQ: value of item {i}?\n"
+                                               f"A: SELECT Value FROM t{i} WHERE Name = 'item {i}'"}) + "\n"
+                           for i in range(8)))
+    data, run = tmp_path / "data", tmp_path / "run"
+    model = ["--model", real_model_gguf, "--dtype", "float32"]
+    commands = {
+        "prepare": ["prepare", raw, "--out", data, "--tokenizer", real_model_gguf, "--split", "0.5,0.25,0.25"],
+        "train": ["train", *model, "--data", data, "--adapter-path", run, "--iters", "2", "--batch-size", "1",
+                  "--val-batches", "1", "--max-seq-length", "128"],
+        "eval": ["eval", *model, "--data", data, "--adapter-path", run, "--generate", "--max-tokens", "4",
+                 "--prompt-delimiter", "\\nA:"],
+        "generate": ["generate", *model, "--adapter-path", run, "--prompt", "table: t\nQ: value?\nA:",
+                     "--max-tokens", "4"],
+    }
+    for name, args in commands.items():
+        result = _lorakit(*args)
+        assert result.returncode == 0, f"{name}: {result.stderr}"
+        noise = [line for line in result.stderr.splitlines() if _NOISE.search(line)]
+        assert noise == [], f"{name} printed third-party noise on stderr: {noise}"

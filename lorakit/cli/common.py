@@ -14,14 +14,19 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from lorakit.errors import Interrupted, LorakitError
-from lorakit.settings import Common, load_settings
+from lorakit.settings import Common, flag, load_settings
 
 if TYPE_CHECKING:
     from lorakit.engine.reporter import Reporter
 
 Run = Callable[[Any, "Reporter"], Any]  # (settings, reporter) -> the engine's result
 Render = Callable[[Any, Common], None]  # (result, settings): stdout, unless --json
-Summary = Callable[[Any, "Reporter"], None]  # (result, the CLI's reporter): stderr tables and lines, unless --quiet
+# (result, the CLI's reporter): stderr tables and lines, unless --quiet
+Summary = Callable[[Any, "Reporter"], None]
+
+# The outputs a command replaces whole with --overwrite: the --config file it read must not be inside one.
+# (train's `<adapter>/lorakit.yaml` read back with --resume is its documented flow: train checks its own.)
+REPLACED_OUTPUTS = {"prepare": ("out",), "fuse": ("out", "export_gguf")}
 
 
 def _wants_debug(params: dict[str, Any]) -> bool:
@@ -62,6 +67,17 @@ def _plain(value: Any) -> Any:
     return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
+def _keep_config(command: str, settings: Common, config: Any) -> None:
+    """Refuse an output that is or contains the --config file: replacing it would delete that input."""
+    if config is None:
+        return
+    from lorakit.io import check_output_location
+
+    for name in REPLACED_OUTPUTS.get(command, ()):
+        if getattr(settings, name, None) is not None:
+            check_output_location(getattr(settings, name), flag(name), [("--config", config)])
+
+
 def run_command(command: str, params: Mapping[str, Any], run: Run, render: Render,
                 summary: Summary | None = None) -> None:
     """Resolve the settings of `command` from its flags (a command's `ctx.params`), run the engine through
@@ -74,6 +90,7 @@ def run_command(command: str, params: Mapping[str, Any], run: Run, render: Rende
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         settings, notes = load_settings(command, flags, config)
+        _keep_config(command, settings, config)
         reporter = RichReporter(quiet=settings.quiet)
         for note in notes:
             reporter.warn(note)

@@ -9,6 +9,7 @@ import typer
 
 from lorakit.cli.common import run_command
 from lorakit.cli.options import (
+    ChatTemplateOpt,
     ConfigOpt,
     DebugOpt,
     DtypeOpt,
@@ -23,6 +24,7 @@ from lorakit.cli.options import (
     RevisionOpt,
     SeedOpt,
     StopOpt,
+    TemplateOpt,
     TempOpt,
     TopKOpt,
     TopPOpt,
@@ -47,6 +49,9 @@ def command(
     max_seq_length: Annotated[int | None, opt(S, "max_seq_length")] = None,
     train_on: Annotated[str | None, opt(S, "train_on")] = None,
     generate: Annotated[bool | None, opt(S, "generate")] = None,
+    prompt_delimiter: Annotated[str | None, opt(S, "prompt_delimiter")] = None,
+    chat_template: ChatTemplateOpt = None,
+    template: TemplateOpt = None,
     judge: Annotated[bool | None, opt(S, "judge")] = None,
     judge_template: Annotated[str | None, opt(S, "judge_template")] = None,
     label_pattern: Annotated[str | None, opt(S, "label_pattern")] = None,
@@ -97,6 +102,7 @@ def _summary(result: EvalResult, reporter: Reporter) -> None:
         rows.append(tuple(row))
     header = ("metric", *names, *(("change",) if result.change else ()))
     reporter.table(f"eval: {result.split} ({result.examples} examples)", rows, header)
+    reporter.log(f"prompts: {result.rendering['description']}")
 
 
 def _render(result: EvalResult, settings: S) -> None:

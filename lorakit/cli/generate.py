@@ -11,6 +11,7 @@ import typer
 
 from lorakit.cli.common import run_command
 from lorakit.cli.options import (
+    ChatTemplateOpt,
     ConfigOpt,
     DebugOpt,
     DtypeOpt,
@@ -25,6 +26,7 @@ from lorakit.cli.options import (
     RevisionOpt,
     SeedOpt,
     StopOpt,
+    TemplateOpt,
     TempOpt,
     TopKOpt,
     TopPOpt,
@@ -47,7 +49,8 @@ def command(
     input: Annotated[Path | None, opt(S, "input")] = None,
     output: Annotated[Path | None, opt(S, "output")] = None,
     system: Annotated[str | None, opt(S, "system")] = None,
-    chat_template: Annotated[bool | None, opt(S, "chat_template")] = None,
+    chat_template: ChatTemplateOpt = None,
+    template: TemplateOpt = None,
     compare_base: Annotated[bool | None, opt(S, "compare_base")] = None,
     max_tokens: MaxTokensOpt = None,
     temp: TempOpt = None,

@@ -15,25 +15,26 @@ from typing import Annotated, Any
 
 import typer
 
-from lorakit.settings import Common, ModelOptions, SamplingOptions, SeedOption, flag
+from lorakit.settings import Common, ModelOptions, RenderingOptions, SamplingOptions, SeedOption, flag
 
 SHORT = {"model": "-m", "out": "-o", "output": "-o", "prompt": "-p", "input": "-i", "quiet": "-q"}
 # False-default bools that switch an action on: `--overwrite`, never `--overwrite/--no-overwrite`.
 PLAIN_FLAGS = {"json_output", "quiet", "debug", "overwrite", "trust_remote_code", "resume"}
 
 
-def opt(cls: type[Common | SeedOption | SamplingOptions], name: str, **kwargs: Any) -> Any:
-    """The typer.Option of settings field `name` of `cls`: its spelling, help and shown default."""
+def opt(cls: type[Common | SeedOption | SamplingOptions | RenderingOptions], name: str, **kwargs: Any) -> Any:
+    """The typer.Option of settings field `name` of `cls`: its spelling, help and shown default (a
+    `show_default` in kwargs replaces the one derived from the field)."""
     field = cls.model_fields[name]
     default = field.get_default(call_default_factory=True)
     if isinstance(default, (list, tuple)):
         default = ",".join(map(str, default)) or None
     shown = "required" if field.is_required() else ("none" if default is None else str(default))
     decl = flag(name)
-    if field.annotation is bool and name not in PLAIN_FLAGS:
+    if field.annotation in (bool, bool | None) and name not in PLAIN_FLAGS:  # None: "decide for me"
         decl = f"{decl}/--no-{decl[2:]}"
     decls = (decl, SHORT[name]) if name in SHORT else (decl,)
-    return typer.Option(*decls, help=field.description, show_default=shown, **kwargs)
+    return typer.Option(*decls, help=field.description, **{"show_default": shown, **kwargs})
 
 
 def _stop_strings(value: list[str] | None) -> list[str] | None:
@@ -67,3 +68,7 @@ TopKOpt = Annotated[int | None, opt(SamplingOptions, "top_k")]
 MinPOpt = Annotated[float | None, opt(SamplingOptions, "min_p")]
 RepetitionPenaltyOpt = Annotated[float | None, opt(SamplingOptions, "repetition_penalty")]
 StopOpt = Annotated[list[str] | None, opt(SamplingOptions, "stop", callback=_stop_strings)]
+
+# prompt rendering: eval, generate
+ChatTemplateOpt = Annotated[bool | None, opt(RenderingOptions, "chat_template", show_default="as trained")]
+TemplateOpt = Annotated[str | None, opt(RenderingOptions, "template")]

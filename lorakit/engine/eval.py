@@ -3,10 +3,17 @@
 For each evaluated model ("base" and/or "adapter"):
   loss        token-weighted cross-entropy and perplexity over the split's loss-bearing tokens, with the
               same tokenisation and masks as training (lorakit.engine.data.tokenized / batching / losses)
-  generation  (--generate) the prompt (everything before the last assistant turn) is completed and scored
-              against that turn: exact match, contains, token F1, and labels (--label-pattern / --labels)
+  generation  (--generate) the prompt (everything before the last assistant turn; a prompt/completion
+              record's prompt; a text record up to --prompt-delimiter) is completed and scored against the
+              rest: exact match, contains, token F1, and labels (--label-pattern / --labels)
   judge       (--judge) every judge record asked as given and with answers A and B swapped: verdict
               accuracy, position consistency, agreement and A/B/tie bias (see lorakit.engine.scoring.metrics)
+
+Prompts (for the loss as for generation, base and adapter alike) are rendered the way the adapter was trained
+(its adapter_config.json records it): raw prompt + completion for an adapter trained on text or on completions
+without a template, the same chat template otherwise; --chat-template / --no-chat-template / --template NAME
+override it. Without an adapter (or with one that does not record it) the tokenizer's template is used when it
+has one. 'text' records are always scored as they are. eval.json's `rendering` says what was used.
 
 --compare-base loads the model once: the adapter is applied, and the base is evaluated with the LoRA layers
 switched off (lorakit.engine.generate.base_model). Outputs go to --out: eval.json (the EvalResult) and
@@ -29,10 +36,30 @@ import numpy as np
 from mlx import nn
 
 from lorakit.engine.data.batching import Batch, BatchPlan
-from lorakit.engine.data.tokenized import TokenizedExample, load_split, split_path
+from lorakit.engine.data.tokenized import (
+    TOKENIZER_TEMPLATE,
+    TokenizedExample,
+    detect_format,
+    load_split,
+    split_path,
+)
 from lorakit.engine.data.verdicts import VERDICTS, swap_verdict
-from lorakit.engine.model.adapters import ADAPTER_FILE, load_adapter, read_adapter_config, resolve_adapter_dir
-from lorakit.engine.model.generation import base_model, build_prompt, generate_batch, make_sampling
+from lorakit.engine.model.adapters import (
+    ADAPTER_FILE,
+    load_adapter,
+    read_adapter_config,
+    resolve_adapter_dir,
+    trained_rendering,
+)
+from lorakit.engine.model.generation import (
+    Rendering,
+    base_model,
+    build_prompt,
+    choose_rendering,
+    fit_rendering,
+    generate_batch,
+    make_sampling,
+)
 from lorakit.engine.model.loading import LoadedModel, load_model
 from lorakit.engine.model.losses import loss_head, token_losses
 from lorakit.engine.reporter import Reporter
@@ -40,8 +67,10 @@ from lorakit.engine.scoring import metrics
 from lorakit.engine.scoring.judge import JudgeItem, JudgePrompt, judge_item
 from lorakit.errors import UserError
 from lorakit.io import (
+    check_output_location,
     ensure_new_dir,
     iter_jsonl,
+    output_lock,
     replace_dir,
     sha256_file,
     staging_dir,
@@ -63,6 +92,7 @@ class EvalResult:
     results: dict[str, dict[str, Any]]  # "base" / "adapter" -> {"loss": ..., "generation": ..., "judge": ...}
     change: dict[str, float]  # adapter minus base, with --compare-base
     settings: dict[str, Any]
+    rendering: dict[str, Any] = field(default_factory=dict)  # how prompts were rendered (Rendering.as_dict)
     elapsed_s: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -78,6 +108,8 @@ class Record:
     reference: str | None = None
     reference_label: str | None = None
     judge: JudgeItem | None = None
+    prompt_tokens: list[int] | None = None  # --generate: the prompt rendered (tokenize_prompts)
+    judge_tokens: tuple[list[int], list[int]] | None = None  # --judge: asked as given and swapped
 
 
 def choose(n: int, limit: int | None, seed: int) -> list[int]:
@@ -94,8 +126,11 @@ def out_dir(settings: EvalSettings) -> Path:
     return Path(settings.adapter_path) / name if settings.adapter_path else Path(name)
 
 
-def generation_parts(raw: dict, where: str) -> tuple[str | list[dict], str]:
-    """(prompt, reference) of a chat or prompt/completion record: the last assistant turn is the reference."""
+def generation_parts(raw: dict, where: str, delimiter: str | None = None) -> tuple[str | list[dict], str]:
+    """(prompt, reference) of a chat or prompt/completion record (the last assistant turn, or the completion,
+    is the reference), or of a text record split after the last `delimiter` (--prompt-delimiter)."""
+    if delimiter is not None:
+        return _split_text(raw, where, delimiter)
     if isinstance(raw.get("messages"), list):
         messages = raw["messages"]
         turns = [i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"]
@@ -106,7 +141,24 @@ def generation_parts(raw: dict, where: str) -> tuple[str | list[dict], str]:
     if isinstance(raw.get("prompt"), str) and isinstance(raw.get("completion"), str):
         return raw["prompt"], raw["completion"]
     raise UserError(f"{where}: --generate needs chat ('messages') or 'prompt'/'completion' records to split into "
-                    "prompt and reference; plain 'text' records have no reference answer")
+                    "prompt and reference; plain 'text' records have no reference answer unless "
+                    "--prompt-delimiter STR splits them (e.g. --prompt-delimiter '\\nA:')")
+
+
+def _split_text(raw: dict, where: str, delimiter: str) -> tuple[str, str]:
+    """A text record as (prompt: up to and including the last `delimiter`, reference: the rest)."""
+    text = raw.get("text")
+    if "messages" in raw or "prompt" in raw or not isinstance(text, str):
+        raise UserError(f"{where}: --prompt-delimiter splits 'text' records; this one has keys {sorted(raw)} "
+                        "(chat and prompt/completion records are split already: drop --prompt-delimiter)")
+    at = text.rfind(delimiter)
+    if at < 0:
+        raise UserError(f"{where}: no --prompt-delimiter {delimiter!r} in this text record, so it cannot be "
+                        "split into prompt and reference")
+    end = at + len(delimiter)
+    if not text[end:].strip():
+        raise UserError(f"{where}: nothing follows --prompt-delimiter {delimiter!r}: no reference to score")
+    return text[:end], text[end:]
 
 
 def _label_extractor(settings: EvalSettings) -> metrics.LabelExtractor | None:
@@ -130,7 +182,7 @@ def read_records(settings: EvalSettings, path: Path, reporter: Reporter) -> tupl
     for rec in records:
         where = f"{path}:{rec.line}"
         if settings.generate:
-            rec.prompt, rec.reference = generation_parts(rec.raw, where)
+            rec.prompt, rec.reference = generation_parts(rec.raw, where, settings.prompt_delimiter)
             if extractor is not None:
                 rec.reference_label = extractor(rec.reference)
         if settings.judge:
@@ -209,10 +261,13 @@ def loss_metrics(sums: np.ndarray, counts: np.ndarray) -> dict[str, float]:
 
 
 def loss_examples(settings: EvalSettings, loaded: LoadedModel, records: list[Record], n_rows: int,
-                  reporter: Reporter) -> list[TokenizedExample]:
-    """The tokenised, masked examples of the chosen records (via data.load_split, as training reads them)."""
+                  reporter: Reporter, rendering: Rendering | None = None) -> list[TokenizedExample]:
+    """The tokenised, masked examples of the chosen records (via data.load_split, as training reads them),
+    rendered as `rendering` says (None: as training renders; 'text' records as they are)."""
+    text = detect_format(records[0].raw, f"{settings.data}/{settings.split}.jsonl:{records[0].line}") == "text"
+    template = TOKENIZER_TEMPLATE if text or rendering is None else rendering.split_template
     split = load_split(settings.data, settings.split, loaded.tokenizer, settings.train_on, settings.max_seq_length,
-                       reporter)
+                       reporter, template=template)
     if split.dropped:
         raise UserError(f"{split.path}: {split.dropped} examples have no loss-bearing token within "
                         f"--max-seq-length {settings.max_seq_length} (--train-on {split.train_on}); raise "
@@ -235,11 +290,46 @@ def _generate(loaded: LoadedModel, prompts: list[list[int]], settings: EvalSetti
     return [a.text for a in answers]
 
 
-def _prompt_tokens(loaded: LoadedModel, prompt: str | list[dict], where: str) -> list[int]:
+def choose_prompt_rendering(settings: EvalSettings, path: Path, records: list[Record],
+                            reporter: Reporter) -> Rendering:
+    """How this run renders prompts, decided before the model loads (a wrong --adapter-path, a template that
+    cannot load, or chat records that would be rendered as raw text fail here); fit_rendering completes it."""
+    trained = None
+    if settings.adapter_path is not None:
+        trained = trained_rendering(read_adapter_config(resolve_adapter_dir(settings.adapter_path)))
+    rendering = choose_rendering(settings.chat_template, settings.template, trained,
+                                 adapter=settings.adapter_path is not None)
+    fmt = detect_format(records[0].raw, f"{path}:{records[0].line}")
+    if fmt == "text":
+        if settings.chat_template or settings.template:
+            reporter.warn(f"{path} holds 'text' records, which are scored as they are: "
+                          f"{'--template' if settings.template else '--chat-template'} changes nothing")
+        return Rendering(None, "text records are scored as they are", trained)
+    if fmt == "chat" and not rendering.chat:
+        raise UserError(f"{path}: chat records need a chat template, but prompts are rendered as raw text here "
+                        f"({rendering.reason}); pass --chat-template or --template NAME to render them through "
+                        "one, or give 'prompt'/'completion' records")
+    return rendering
+
+
+def _prompt_tokens(loaded: LoadedModel, prompt: str | list[dict], rendering: Rendering, where: str) -> list[int]:
     try:
-        return build_prompt(loaded.tokenizer, prompt, chat_template=loaded.tokenizer.has_chat_template)
+        return build_prompt(loaded.tokenizer, prompt, chat_template=rendering.chat, template=rendering.jinja)
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
+
+
+def tokenize_prompts(settings: EvalSettings, loaded: LoadedModel, records: list[Record], rendering: Rendering,
+                     judge: JudgePrompt | None) -> None:
+    """Every record's generation prompt (and judge prompts, as given and swapped) as token ids, rendered once
+    for base and adapter alike."""
+    for rec in records:
+        where = f"{settings.data}/{settings.split}.jsonl:{rec.line}"
+        if settings.generate:
+            rec.prompt_tokens = _prompt_tokens(loaded, rec.prompt, rendering, where)
+        if judge is not None and rec.judge is not None:
+            rec.judge_tokens = (_prompt_tokens(loaded, judge.messages(rec.judge), rendering, where),
+                                _prompt_tokens(loaded, judge.messages(rec.judge.swapped()), rendering, where))
 
 
 def generation_metrics(records: list[Record], outputs: list[str], settings: EvalSettings,
@@ -285,7 +375,8 @@ def judge_results(items: list[JudgeItem], original: list[str], swapped: list[str
 def evaluate(name: str, loaded: LoadedModel, settings: EvalSettings, records: list[Record],
              examples: list[TokenizedExample], template: JudgePrompt | None, reporter: Reporter,
              timings: dict[str, float]) -> tuple[dict, list[dict]]:
-    """All requested metrics for the model as it stands now; returns (metrics, prediction rows)."""
+    """All requested metrics for the model as it stands now; returns (metrics, prediction rows). The prompts
+    are the records' prompt_tokens / judge_tokens (tokenize_prompts)."""
     rows: list[dict[str, Any]] = [{"model": name, "index": r.index, "line": r.line} for r in records]
     result: dict[str, Any] = {}
 
@@ -298,8 +389,7 @@ def evaluate(name: str, loaded: LoadedModel, settings: EvalSettings, records: li
 
     if settings.generate:
         t0 = time.perf_counter()
-        prompts = [_prompt_tokens(loaded, r.prompt, f"{settings.data}/{settings.split}.jsonl:{r.line}")
-                   for r in records]
+        prompts = [r.prompt_tokens for r in records]
         outputs = _generate(loaded, prompts, settings, reporter, f"generate ({name})")
         result["generation"], gen_rows = generation_metrics(records, outputs, settings, _label_extractor(settings))
         for row, rec, gen in zip(rows, records, gen_rows):
@@ -309,9 +399,7 @@ def evaluate(name: str, loaded: LoadedModel, settings: EvalSettings, records: li
     if template is not None:
         t0 = time.perf_counter()
         items = [r.judge for r in records]
-        asked = [*items, *[it.swapped() for it in items]]
-        prompts = [_prompt_tokens(loaded, template.messages(it), f"{settings.data}/{settings.split}.jsonl:{it.line}")
-                   for it in asked]
+        prompts = [*[r.judge_tokens[0] for r in records], *[r.judge_tokens[1] for r in records]]
         outputs = _generate(loaded, prompts, settings, reporter, f"judge ({name})")
         extractor = metrics.LabelExtractor(settings.label_pattern, list(VERDICTS), settings.ignore_case)
         result["judge"], judge_rows = judge_results(items, outputs[:len(items)], outputs[len(items):], extractor)
@@ -347,18 +435,31 @@ def run(settings: EvalSettings, reporter: Reporter) -> EvalResult:
     start = time.perf_counter()
     if settings.compare_base and settings.adapter_path is None:
         raise UserError("--compare-base compares an adapter with its base: pass --adapter-path too")
+    if settings.prompt_delimiter is not None and not settings.generate:
+        raise UserError("--prompt-delimiter splits text records into prompt and reference for --generate: "
+                        "pass --generate too")
     path = split_path(settings.data, settings.split)
-    out = ensure_new_dir(out_dir(settings), settings.overwrite)
+    out = out_dir(settings)
+    check_output_location(out, "--out", [("--data", settings.data), ("--model", settings.model),
+                                         ("--adapter-path", settings.adapter_path)], inside_ok={"--adapter-path"})
+    with output_lock(out, "--out"):
+        ensure_new_dir(out, settings.overwrite)
+        return _evaluate_and_write(settings, path, out, start, reporter)
+
+
+def _evaluate_and_write(settings: EvalSettings, path: Path, out: Path, start: float,
+                        reporter: Reporter) -> EvalResult:
     template = JudgePrompt(settings.judge_template) if settings.judge else None
     records, n_rows = read_records(settings, path, reporter)
-    if settings.adapter_path is not None:
-        resolve_adapter_dir(settings.adapter_path)  # a wrong path fails before the model loads
+    rendering = choose_prompt_rendering(settings, path, records, reporter)
 
     loaded = load_model(settings, reporter)
     # load_adapter refuses (exit 2) an adapter of another base before anything is evaluated
     adapter_dir = load_adapter(loaded, settings.adapter_path, reporter) if settings.adapter_path else None
     adapter = adapter_identity(settings, adapter_dir)
-    examples = loss_examples(settings, loaded, records, n_rows, reporter)
+    rendering = fit_rendering(rendering, loaded.tokenizer, settings.model, reporter)
+    examples = loss_examples(settings, loaded, records, n_rows, reporter, rendering)
+    tokenize_prompts(settings, loaded, records, rendering, template)
     loaded.model.eval()
 
     timings: dict[str, float] = {}
@@ -380,7 +481,8 @@ def run(settings: EvalSettings, reporter: Reporter) -> EvalResult:
         change = {k: tuned[k] - base[k] for k in tuned if k in base}
     result = EvalResult(split=settings.split, data=str(settings.data), out=str(out), examples=len(records),
                         split_examples=n_rows, model=model_identity(settings, loaded), adapter=adapter,
-                        results=results, change=change, settings=settings_dict(settings), timings=timings)
+                        results=results, change=change, settings=settings_dict(settings),
+                        rendering=rendering.as_dict(), timings=timings)
     result.elapsed_s = time.perf_counter() - start
 
     staging = staging_dir(out)

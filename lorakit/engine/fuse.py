@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,15 @@ from lorakit.engine.model.adapters import load_adapter, read_adapter_config, res
 from lorakit.engine.model.loading import LoadedModel, load_model
 from lorakit.engine.reporter import Reporter
 from lorakit.errors import RunError, UserError
-from lorakit.io import atomic_path, ensure_new_dir, replace_dir, staging_dir, write_json
+from lorakit.io import (
+    atomic_path,
+    check_output_location,
+    ensure_new_dir,
+    output_lock,
+    replace_dir,
+    staging_dir,
+    write_json,
+)
 from lorakit.settings import FuseSettings, save_settings
 
 PROMPTS = (
@@ -96,25 +105,48 @@ class _Merged:
 
 def run(settings: FuseSettings, reporter: Reporter) -> FuseResult:
     start = time.perf_counter()
-    out = ensure_new_dir(settings.out, settings.overwrite)
     gguf_path = _gguf_target(settings)
+    _check_outside_inputs(settings, gguf_path)
+    with contextlib.ExitStack() as locks:
+        locks.enter_context(output_lock(settings.out, "--out"))
+        if gguf_path is not None and _relative_to(gguf_path, settings.out) is None:
+            locks.enter_context(output_lock(gguf_path, "--export-gguf"))
+        result = _fuse(settings, gguf_path, reporter)
+    result.seconds = round(time.perf_counter() - start, 2)
+    return result
+
+
+def _check_outside_inputs(settings: FuseSettings, gguf_path: Path | None) -> None:
+    """--out (and --export-gguf) must neither be, contain nor sit inside --model or --adapter-path: an
+    --overwrite would replace the very files it reads."""
+    inputs = [("--model", settings.model), ("--adapter-path", settings.adapter_path)]
+    check_output_location(settings.out, "--out", inputs)
+    if gguf_path is not None:
+        check_output_location(gguf_path, "--export-gguf", inputs)
+
+
+def _fuse(settings: FuseSettings, gguf_path: Path | None, reporter: Reporter) -> FuseResult:
+    """The fuse itself, under the output locks."""
+    out = ensure_new_dir(settings.out, settings.overwrite)
     resolve_adapter_dir(settings.adapter_path)  # a wrong path fails before the model loads
 
     loaded = load_model(settings.model_copy(update={"dtype": None}), reporter)
     if gguf_path is not None:
         check_exportable(loaded.config)
     merged = _merge(loaded, settings, reporter)
+    if settings.requantize:
+        _check_requantizable(merged.model, settings, loaded.config, reporter)
     result = FuseResult(
         out=str(out), model=settings.model, adapter=str(merged.adapter_dir),
         fine_tune_type=merged.adapter_config.get("fine_tune_type", "lora"), fused_layers=merged.layers,
-        dtype=_dtype_name(merged.out_dtype), quantization=None, transformers_compatible=settings.requantize is None,
+        dtype=_dtype_name(merged.out_dtype), quantization=None,
+        transformers_compatible=settings.requantize is None,
         qk_rows_restored=has_gguf_layout(loaded.config),
     )
     _ship(out, gguf_path, loaded, merged, settings, result, reporter)
     if result.gguf is not None:
         result.gguf.size_bytes = Path(result.gguf.path).stat().st_size
     reporter.on_save(str(out), 0)
-    result.seconds = round(time.perf_counter() - start, 2)
     return result
 
 
@@ -122,7 +154,8 @@ def _merge(loaded: LoadedModel, settings: FuseSettings, reporter: Reporter) -> _
     """Apply the adapter and fuse it into float weights of the output dtype, keeping the logits to check."""
     base_dtype = _float_dtype(loaded.model)
     out_dtype = getattr(mx, settings.dtype) if settings.dtype else base_dtype
-    prompts = _verification_prompts(loaded.tokenizer)
+    needed = settings.verify or settings.requantize
+    prompts = _verification_prompts(loaded, settings, reporter) if needed else []
     base_logits = _logits(loaded.model, prompts) if settings.verify else None
 
     adapter_dir = load_adapter(loaded, settings.adapter_path, reporter)
@@ -239,11 +272,33 @@ def _dtype_name(dtype: mx.Dtype) -> str:
     return str(dtype).split(".")[-1]
 
 
-def _verification_prompts(tokenizer) -> list[list[int]]:
+def _verification_prompts(loaded: LoadedModel, settings: FuseSettings, reporter: Reporter) -> list[list[int]]:
+    """The fixed texts, and a chat through the model's chat template when it has one. A template that
+    cannot render it is a user error when --verify needs it; else the check runs on the texts alone."""
+    tokenizer = loaded.tokenizer
     prompts = [tokenizer.encode(text) for text in PROMPTS]
-    if tokenizer.has_chat_template:
+    if not tokenizer.has_chat_template:
+        return prompts
+    try:
         prompts.append(list(tokenizer.apply_chat_template(CHAT, add_generation_prompt=True)))
+    except Exception as e:  # noqa: BLE001  (jinja raises anything: SecurityError, TypeError, ...)
+        where = _template_location(loaded.path, e)
+        problem = (f"--model {settings.model}: its chat template ({where}) cannot render a chat "
+                   f"({type(e).__name__}: {e})")
+        if settings.verify:
+            raise UserError(f"{problem}; fix the template, or pass --no-verify to fuse without the check "
+                            "that renders it") from None
+        reporter.warn(f"{problem}; the re-quantization error is measured on plain text only")
     return prompts
+
+
+def _template_location(model_dir: Path, error: Exception) -> str:
+    """Where the model's chat template lives, and the template line the error came from (when jinja says)."""
+    jinja = model_dir / "chat_template.jinja"
+    where = str(jinja) if jinja.is_file() else f"'chat_template' in {model_dir / 'tokenizer_config.json'}"
+    frames = traceback.extract_tb(error.__traceback__)
+    lines = [frame.lineno for frame in frames if frame.filename == "<template>"]
+    return f"{where}, line {lines[-1]}" if lines else where
 
 
 def _logits(model: nn.Module, prompts: list[list[int]]) -> list[mx.array]:
@@ -256,9 +311,9 @@ def _logits(model: nn.Module, prompts: list[list[int]]) -> list[mx.array]:
 
 
 def _diff(a: list[mx.array], b: list[mx.array]) -> LogitDiff:
-    gaps = [mx.abs(x - y) for x, y in zip(a, b)]
+    gaps = [mx.abs(x - y) for x, y in zip(a, b, strict=True)]
     positions = sum(g.shape[0] for g in gaps)
-    agree = sum(int((x.argmax(-1) == y.argmax(-1)).sum()) for x, y in zip(a, b))
+    agree = sum(int((x.argmax(-1) == y.argmax(-1)).sum()) for x, y in zip(a, b, strict=True))
     return LogitDiff(max=max(float(g.max()) for g in gaps),
                      mean=sum(float(g.sum()) for g in gaps) / sum(g.size for g in gaps),
                      top1_agreement=agree / positions)
@@ -308,14 +363,42 @@ def _dequantize(model: nn.Module) -> None:
     dequantize_model(model)
 
 
+def _requant_group(settings: FuseSettings, base_config: dict) -> tuple[int, str]:
+    """--requantize's group size and where it comes from: --q-group-size, else a quantized base's own."""
+    if "q_group_size" not in settings.model_fields_set and "quantization" in base_config:
+        return base_config["quantization"].get("group_size", settings.q_group_size), "the base's group size"
+    return settings.q_group_size, "--q-group-size"
+
+
+def _quantizable(group: int):
+    """nn.quantize's class_predicate: a quantizable layer whose input size divides by the group size."""
+    return lambda _, m: _has_weights(m) and m.weight.shape[-1] % group == 0
+
+
+def _has_weights(module: nn.Module) -> bool:
+    return hasattr(module, "to_quantized") and hasattr(module, "weight")
+
+
+def _check_requantizable(model: nn.Module, settings: FuseSettings, base_config: dict,
+                         reporter: Reporter) -> None:
+    """A --requantize that would quantize nothing is an error; one that leaves layers float says so."""
+    group, source = _requant_group(settings, base_config)
+    layers = [(name, m) for name, m in model.named_modules() if _has_weights(m)]
+    fits = sum(_quantizable(group)(name, m) for name, m in layers)
+    bits = settings.requantize
+    if layers and not fits:
+        raise UserError(f"--requantize {bits}: no layer's input size divides by {group} ({source}), so "
+                        "nothing would be quantized; pass a --q-group-size that divides them (32, 64 or 128)")
+    if fits < len(layers):
+        reporter.warn(f"--requantize {bits}: {len(layers) - fits} of {len(layers)} layers stay float (their "
+                      f"input size does not divide by {group}, {source})")
+
+
 def _requantize(model: nn.Module, config: dict, settings: FuseSettings,
                 base_config: dict) -> tuple[dict, dict]:
     """Quantize the fused model in mlx-lm's format; a quantized base's group size unless --q-group-size."""
-    group = settings.q_group_size
-    if "q_group_size" not in settings.model_fields_set and "quantization" in base_config:
-        group = base_config["quantization"].get("group_size", group)
-    nn.quantize(model, group_size=group, bits=settings.requantize,
-                class_predicate=lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % group == 0)
+    group, _ = _requant_group(settings, base_config)
+    nn.quantize(model, group_size=group, bits=settings.requantize, class_predicate=_quantizable(group))
     quantization = {"group_size": group, "bits": settings.requantize}
     return {**config, "quantization": quantization}, quantization
 

@@ -1,19 +1,34 @@
-"""`lorakit generate`: answer prompts with a model (and adapter) through mlx-lm's generation and sampling."""
+"""`lorakit generate`: answer prompts with a model (and adapter) through mlx-lm's generation and sampling.
+
+Prompts are rendered the way the adapter was trained (raw text for an adapter trained on text or on completions
+without a template, its chat template otherwise; model.generation.choose_rendering) unless --chat-template,
+--no-chat-template or --template NAME says otherwise; without an adapter through the tokenizer's chat template.
+"""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorakit.engine.model.adapters import load_adapter
+from lorakit.engine.model.adapters import (
+    load_adapter,
+    read_adapter_config,
+    resolve_adapter_dir,
+    trained_rendering,
+)
 from lorakit.engine.model.generation import (
     Generation,
     Messages,
+    Rendering,
     base_model,
     build_prompt,
     check_messages,
+    check_prompt_length,
+    choose_rendering,
+    fit_rendering,
     generate_batch,
     generate_one,
     make_sampling,
@@ -21,7 +36,7 @@ from lorakit.engine.model.generation import (
 from lorakit.engine.model.loading import load_model
 from lorakit.engine.reporter import Reporter
 from lorakit.errors import UserError
-from lorakit.io import iter_jsonl, write_jsonl
+from lorakit.io import check_output_location, iter_jsonl, output_lock, write_jsonl
 
 
 @dataclass
@@ -39,6 +54,7 @@ class GenerateResult:
     prompt_tps: float = 0.0
     generation_tps: float = 0.0
     peak_memory: float = 0.0
+    rendering: dict[str, Any] | None = None  # how prompts were rendered (Rendering.as_dict)
 
 
 @dataclass
@@ -50,6 +66,9 @@ class _Record:
 
 
 def _read_input(path: Path) -> list[_Record]:
+    if path.is_dir():
+        raise UserError(f"--input {path}: is a directory; give the JSONL file of prompts ('prompt' or "
+                        "'messages' per line)")
     if not path.is_file():
         raise UserError(f"--input {path}: file not found (expected JSONL with 'prompt' or 'messages' per line)")
     records = []
@@ -76,11 +95,15 @@ def _check_settings(settings: Any) -> str | list[_Record]:
         raise UserError("pass exactly one of --prompt TEXT, --prompt - (read stdin) or --input prompts.jsonl")
     if settings.compare_base and settings.adapter_path is None:
         raise UserError("--compare-base compares the adapter with its base: pass --adapter-path too")
-    if settings.system is not None and not settings.chat_template:
+    if settings.system is not None and settings.chat_template is False:
         raise UserError("--system needs the chat template: drop --no-chat-template or --system")
     if settings.output is not None:
         if settings.input is None:
             raise UserError("--output is for --input results; a --prompt answer goes to stdout")
+        if settings.output.is_dir():
+            raise UserError(f"--output {settings.output}: is a directory; give a file name such as "
+                            f"{settings.output / 'answers.jsonl'}")
+        check_output_location(settings.output, "--output", [("--input", settings.input)])
         if settings.output.exists() and not settings.overwrite:
             raise UserError(f"--output {settings.output}: file exists; pass --overwrite to replace it")
     if settings.input is not None:
@@ -96,21 +119,46 @@ def run(settings: Any, reporter: Reporter, on_token: Callable[[str], None] | Non
     `on_token` receives a single prompt's answer piece by piece as it is generated (the CLI streams it).
     """
     inputs = _check_settings(settings)
+    with output_lock(settings.output, "--output") if settings.output else contextlib.nullcontext():
+        return _generate(settings, inputs, reporter, on_token)
+
+
+def _generate(settings: Any, inputs: str | list[_Record], reporter: Reporter,
+              on_token: Callable[[str], None] | None) -> GenerateResult:
+    rendering = _choose_rendering(settings)
     loaded = load_model(settings, reporter)
     adapter_dir = load_adapter(loaded, settings.adapter_path, reporter) if settings.adapter_path else None
-    use_template = settings.chat_template
-    if use_template and not loaded.tokenizer.has_chat_template:
-        reporter.warn(f"the tokenizer of {settings.model} has no chat template; using the prompt text as is")
-        use_template = False
-    result = GenerateResult(model=settings.model, adapter=str(adapter_dir) if adapter_dir else None)
+    rendering = fit_rendering(rendering, loaded.tokenizer, settings.model, reporter)
+    reporter.log(f"prompts: {rendering.describe()}")  # before a streamed answer, not after it
+    result = GenerateResult(model=settings.model, adapter=str(adapter_dir) if adapter_dir else None,
+                            rendering=rendering.as_dict())
     if isinstance(inputs, str):
-        return _answer_prompt(settings, loaded, inputs, use_template, on_token, result)
-    return _answer_input(settings, loaded, inputs, use_template, reporter, result)
+        return _answer_prompt(settings, loaded, inputs, rendering, on_token, result)
+    return _answer_input(settings, loaded, inputs, rendering, reporter, result)
 
 
-def _answer_prompt(settings: Any, loaded: Any, prompt: str, use_template: bool,
+def _choose_rendering(settings: Any) -> Rendering:
+    """How prompts are rendered (see the module docstring), decided before the model loads."""
+    trained = None
+    if settings.adapter_path is not None:
+        trained = trained_rendering(read_adapter_config(resolve_adapter_dir(settings.adapter_path)))
+    rendering = choose_rendering(settings.chat_template, settings.template, trained,
+                                 adapter=settings.adapter_path is not None)
+    if settings.system is not None and not rendering.chat:
+        raise UserError(f"--system needs a chat template, but prompts are rendered as raw text here "
+                        f"({rendering.reason}): pass --chat-template, or drop --system")
+    return rendering
+
+
+def _tokens(settings: Any, loaded: Any, prompt: str | Messages, rendering: Rendering, where: str) -> list[int]:
+    tokens = build_prompt(loaded.tokenizer, prompt, settings.system, rendering.chat, rendering.jinja)
+    check_prompt_length(tokens, loaded.context_length, where)
+    return tokens
+
+
+def _answer_prompt(settings: Any, loaded: Any, prompt: str, rendering: Rendering,
                    on_token: Callable[[str], None] | None, result: GenerateResult) -> GenerateResult:
-    tokens = build_prompt(loaded.tokenizer, prompt, settings.system, use_template)
+    tokens = _tokens(settings, loaded, prompt, rendering, "--prompt")
     sampling = make_sampling(settings)
     model, tokenizer = loaded.model, loaded.tokenizer
     limits = (settings.max_tokens, settings.stop, settings.seed)
@@ -125,14 +173,15 @@ def _answer_prompt(settings: Any, loaded: Any, prompt: str, use_template: bool,
     return result
 
 
-def _answer_input(settings: Any, loaded: Any, records: list[_Record], use_template: bool, reporter: Reporter,
+def _answer_input(settings: Any, loaded: Any, records: list[_Record], rendering: Rendering, reporter: Reporter,
                   result: GenerateResult) -> GenerateResult:
     prompts = []
     for rec in records:
         try:
-            prompts.append(build_prompt(loaded.tokenizer, rec.prompt, settings.system, use_template))
+            prompts.append(_tokens(settings, loaded, rec.prompt, rendering, f"{settings.input}:{rec.line}"))
         except UserError as e:
-            raise UserError(f"{settings.input}:{rec.line}: {e}") from None
+            where = f"{settings.input}:{rec.line}"
+            raise UserError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
     sampling = make_sampling(settings)
     reporter.start("generate", total=len(prompts) * (2 if settings.compare_base else 1))
 

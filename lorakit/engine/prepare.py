@@ -24,7 +24,14 @@ from lorakit.engine.data.templates import BUILTIN_TEMPLATES, FAMILY_TOKENS, get_
 from lorakit.engine.data.validate import RecordError
 from lorakit.engine.reporter import Reporter
 from lorakit.errors import UserError
-from lorakit.io import ensure_new_dir, replace_dir, sha256_file, staging_dir
+from lorakit.io import (
+    check_output_location,
+    ensure_new_dir,
+    output_lock,
+    replace_dir,
+    sha256_file,
+    staging_dir,
+)
 from lorakit.settings import PrepareSettings, save_settings, settings_dict
 
 SPLITS = splitting.SPLITS
@@ -85,6 +92,23 @@ class Tokenization:
 
 
 def run(settings: PrepareSettings, reporter: Reporter) -> PrepareResult:
+    _input_paths(settings)  # a missing input fails before anything is created
+    _check_outside_inputs(settings)
+    with output_lock(settings.out, "--out"):
+        return _prepare(settings, reporter)
+
+
+def _check_outside_inputs(settings: PrepareSettings) -> None:
+    """--out must neither be, contain nor sit inside an input: --overwrite would replace what it reads."""
+    inputs = [("INPUT", path) for path in settings.inputs]
+    inputs += [("--model", settings.model), ("--tokenizer", settings.tokenizer)]
+    if settings.template not in BUILTIN_TEMPLATES:
+        inputs.append(("--template", settings.template))
+    check_output_location(settings.out, "--out", inputs)
+
+
+def _prepare(settings: PrepareSettings, reporter: Reporter) -> PrepareResult:
+    """Everything from reading to the written output, under --out's lock."""
     out = ensure_new_dir(settings.out, settings.overwrite)
     field_map = parse_field_map(settings.field_map)
     tok = _tokenization(settings, reporter)
@@ -106,6 +130,10 @@ def run(settings: PrepareSettings, reporter: Reporter) -> PrepareResult:
         _check_leaks(items, assignment, problems, settings.group_by)
     keep = [i for i, it in enumerate(items) if it.example is not None]
     _apply_policy(problems, read, settings, reporter)
+    if not keep:
+        first = f", first: {problems[0].file}:{problems[0].line}: {problems[0].reason}" if problems else ""
+        raise UserError(f"none of the {read} records is usable ({len(problems)} set aside{first}); "
+                        "nothing to write")
 
     splits: dict[str, list[Item]] = {name: [] for name in SPLITS}
     for i in keep:
@@ -130,12 +158,7 @@ def run(settings: PrepareSettings, reporter: Reporter) -> PrepareResult:
 
 def _read_all(settings: PrepareSettings, field_map: dict[str, str],
               reporter: Reporter) -> tuple[list[Item], list[Problem], int, list[dict[str, Any]]]:
-    paths = [Path(p) for p in settings.inputs]
-    if not paths:
-        raise UserError("no input files; pass one or more JSONL/JSON files")
-    for path in paths:
-        if not path.is_file():
-            raise UserError(f"{path}: input file not found" if not path.exists() else f"{path}: not a file")
+    paths = _input_paths(settings)
     items: list[Item] = []
     problems: list[Problem] = []
     seen: dict[bytes, tuple[str, int]] = {}
@@ -163,14 +186,26 @@ def _read_all(settings: PrepareSettings, field_map: dict[str, str],
             if settings.dedupe:
                 first = seen.setdefault(item.key, (name, line))
                 if first != (name, line):
-                    problems.append(Problem(name, line, f"duplicate of {first[0]}:{first[1]} (after normalising "
-                                                        "whitespace)", "duplicate", record=record))
+                    reason = f"duplicate of {first[0]}:{first[1]} (after normalising whitespace)"
+                    problems.append(Problem(name, line, reason, "duplicate", record=record))
                     continue
             items.append(item)
         reporter.advance(pending)
+        if not records:
+            raise UserError(f"{path}: no records in this input file; is it the right file?")
         inputs.append({"path": name, "sha256": sha256_file(path), "records": records})
     reporter.finish()
     return items, problems, read, inputs
+
+
+def _input_paths(settings: PrepareSettings) -> list[Path]:
+    paths = [Path(p) for p in settings.inputs]
+    if not paths:
+        raise UserError("no input files; pass one or more JSONL/JSON files")
+    for path in paths:
+        if not path.is_file():
+            raise UserError(f"{path}: input file not found" if not path.exists() else f"{path}: not a file")
+    return paths
 
 
 def _records(path: Path) -> Iterator[tuple[int, dict | None, str | None, str | None, int]]:
@@ -210,7 +245,8 @@ def _json_array(path: Path) -> Iterator[tuple[int, dict | None, str | None, str 
     decoder = json.JSONDecoder()
     pos = _skip(text, 0)
     if not text.startswith("[", pos):
-        raise UserError(f"{path}: a .json input must hold an array of records; use JSONL for one record per line")
+        raise UserError(f"{path}: a .json input must hold an array of records; use JSONL for one record "
+                        "per line")
     pos = _skip(text, pos + 1)
     line, counted = 1, 0
     while pos < len(text) and text[pos] != "]":
@@ -265,7 +301,8 @@ def _item(name: str, line: int, record: dict[str, Any], settings: PrepareSetting
 def _field(record: dict[str, Any], name: str, flag: str) -> str:
     value = record.get(name)
     if value is None or isinstance(value, (dict, list)):
-        raise RecordError(f"{flag} {name}: the record has no {'' if value is None else 'scalar '}field '{name}'")
+        kind = "" if value is None else "scalar "
+        raise RecordError(f"{flag} {name}: the record has no {kind}field '{name}'")
     return str(value)
 
 
@@ -323,20 +360,22 @@ def _load_tokenizer(settings: PrepareSettings, reporter: Reporter) -> Any:
 
             path = convert_gguf(path)
         elif not path.exists():
-            raise UserError(f"--tokenizer {given}: not found; give a tokenizer.json, a model directory or a .gguf file")
+            raise UserError(f"--tokenizer {given}: not found; give a tokenizer.json, a model directory or a "
+                            ".gguf file")
     try:
         if path.is_file():
             tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path))
         else:
             tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as e:  # noqa: BLE001 (transformers raises many types for unreadable tokenizer files)
-        raise UserError(f"{flag} {given}: could not load a tokenizer from {path} ({type(e).__name__}: {e})") from None
+        raise UserError(f"{flag} {given}: could not load a tokenizer from {path} "
+                        f"({type(e).__name__}: {e})") from None
     reporter.log(f"tokenizer: {given}")
     return tokenizer
 
 
-def _render_and_count(items: list[Item], problems: list[Problem], settings: PrepareSettings, tok: Tokenization,
-                      reporter: Reporter) -> None:
+def _render_and_count(items: list[Item], problems: list[Problem], settings: PrepareSettings,
+                      tok: Tokenization, reporter: Reporter) -> None:
     """Render chats through the template (for --format text and for token counts), count tokens, and
     reject over-long examples; a record the template refuses becomes a problem."""
     render_all = settings.format == "text" or (tok.tokenizer is not None and tok.template is not None)
@@ -351,8 +390,8 @@ def _render_and_count(items: list[Item], problems: list[Problem], settings: Prep
             try:
                 item.rendered = render(ex.messages, tok.template, tools=ex.tools, **tok.special)
             except ValueError as e:
-                problems.append(Problem(item.file, item.line, f"{e} (template {tok.template_name})", "invalid",
-                                        record=_record_of(ex)))
+                problems.append(Problem(item.file, item.line, f"{e} (template {tok.template_name})",
+                                        "invalid", record=_record_of(ex)))
                 item.example = None
                 continue
         else:
@@ -367,7 +406,7 @@ def _render_and_count(items: list[Item], problems: list[Problem], settings: Prep
     for start in range(0, len(live), TOKEN_BATCH):
         batch = live[start:start + TOKEN_BATCH]
         ids = tok.tokenizer([it.rendered for it in batch], add_special_tokens=False)["input_ids"]
-        for item, row in zip(batch, ids):
+        for item, row in zip(batch, ids, strict=True):
             item.tokens = len(row)
             if settings.max_tokens and item.tokens > settings.max_tokens:
                 problems.append(Problem(item.file, item.line, f"too long: {item.tokens} tokens "
@@ -396,7 +435,8 @@ def _check_one_kind(items: list[Item], settings: PrepareSettings) -> None:
 # ---------------------------------------------------------------- split checks and error policy
 
 
-def _check_leaks(items: list[Item], assignment: list[int], problems: list[Problem], settings_flag: str) -> None:
+def _check_leaks(items: list[Item], assignment: list[int], problems: list[Problem],
+                 settings_flag: str) -> None:
     """With --group-by, the same prompt can land in two splits; keep it where it was seen first (train
     before valid before test) and report the others."""
     home: dict[bytes, int] = {}
@@ -405,10 +445,10 @@ def _check_leaks(items: list[Item], assignment: list[int], problems: list[Proble
         first = home.setdefault(item.prompt_key, i)
         if assignment[first] != assignment[i]:
             other = items[first]
-            problems.append(Problem(item.file, item.line, f"same prompt as {other.file}:{other.line}, but that one "
-                                    f"is in {SPLITS[assignment[first]]} and this one in {SPLITS[assignment[i]]} "
-                                    f"(--group-by {settings_flag} put them in different groups)", "leak",
-                                    record=_record_of(item.example)))
+            reason = (f"same prompt as {other.file}:{other.line}, but that one is in "
+                      f"{SPLITS[assignment[first]]} and this one in {SPLITS[assignment[i]]} "
+                      f"(--group-by {settings_flag} put them in different groups)")
+            problems.append(Problem(item.file, item.line, reason, "leak", record=_record_of(item.example)))
             item.example = None
 
 
@@ -422,12 +462,13 @@ def _apply_policy(problems: list[Problem], read: int, settings: PrepareSettings,
     if settings.on_error == "fail":
         raise UserError(f"{len(problems)} bad record(s) of {read}:\n  {listing}{more}\nFix them, or pass "
                         "--on-error skip to set them aside in rejected.jsonl"
-                        + (" (or --no-dedupe to keep duplicates)" if any(p.kind == "duplicate" for p in problems)
-                           else ""))
+                        + (" (or --no-dedupe to keep duplicates)"
+                           if any(p.kind == "duplicate" for p in problems) else ""))
     rate = invalid / max(read, 1)
     if rate > settings.max_error_rate:
         raise UserError(f"{invalid} of {read} records ({rate:.1%}) are invalid, more than --max-error-rate "
-                        f"{settings.max_error_rate:g}; is --input-format or --field-map right?\n  {listing}{more}")
+                        f"{settings.max_error_rate:g}; is --input-format or --field-map right?"
+                        f"\n  {listing}{more}")
     reporter.warn(f"set aside {len(problems)} record(s) in rejected.jsonl ({invalid} invalid, "
                   f"{len(problems) - invalid} duplicate or shared between splits); first: "
                   f"{problems[0].file}:{problems[0].line}: {problems[0].reason}")

@@ -17,13 +17,15 @@ from mlx import nn
 from mlx.utils import tree_flatten
 
 from lorakit.engine.data.batching import BatchPlan
-from lorakit.engine.data.tokenized import Split, load_split, split_path
+from lorakit.engine.data.tokenized import Split, load_split, rendering_of, split_path
 from lorakit.engine.model import checkpoint as ckpt
 from lorakit.engine.model import distributed as dist
 from lorakit.engine.model.adapters import adapter_config, apply_adapters
 from lorakit.engine.model.loading import LoadedModel, load_model
 from lorakit.engine.model.losses import loss_head
+from lorakit.engine.model.qlora import helps_here, use_dequantized_matmuls
 from lorakit.engine.reporter import Reporter
+from lorakit.engine.training.lean import use_lean_swiglu
 from lorakit.engine.training.optimizer import make_optimizer
 from lorakit.engine.training.output import RunOutput, remove_leftovers
 from lorakit.engine.training.result import CURVE, METRICS, REPORT, SETTINGS_FILE, RunSizes, TrainResult
@@ -68,7 +70,7 @@ def _run(settings: TrainSettings, reporter: Reporter, world: dist.World, wall_st
     loaded = load_model(settings, reporter)
     head = loss_head(loaded.model)
     train_set, valid_set = _load_splits(settings, loaded, reporter)
-    lora_parameters, adapter_cfg = _add_adapters(settings, loaded)
+    lora_parameters, adapter_cfg = _add_adapters(settings, loaded, train_set)
     batches = _plan_batches(settings, train_set, valid_set, world, reporter)
     optimizer = make_optimizer(settings, batches.total_steps)
     optimizer.init(loaded.model.trainable_parameters())
@@ -136,7 +138,7 @@ def _load_splits(settings: TrainSettings, loaded: LoadedModel,
     return train_set, None
 
 
-def _add_adapters(settings: TrainSettings, loaded: LoadedModel) -> tuple[dict, dict]:
+def _add_adapters(settings: TrainSettings, loaded: LoadedModel, train_set: Split) -> tuple[dict, dict]:
     """Add the adapters (or unfreeze the model for full fine-tuning); return their parameters and config."""
     blocks = len(loaded.model.layers)
     if settings.num_layers != -1 and not 1 <= settings.num_layers <= blocks:
@@ -144,8 +146,13 @@ def _add_adapters(settings: TrainSettings, loaded: LoadedModel) -> tuple[dict, d
                         f"pass 1 to {blocks}, or -1 for all of them")
     mx.random.seed(settings.seed)
     lora_parameters = apply_adapters(loaded.model, settings)
-    adapter_cfg = adapter_config(settings, loaded, lora_parameters)
+    adapter_cfg = adapter_config(settings, loaded, lora_parameters,
+                                 rendering=rendering_of(train_set, loaded.tokenizer))
     use_mixed_precision_lora(loaded.model)
+    if settings.fast_qlora and helps_here():
+        use_dequantized_matmuls(loaded.model)
+    if settings.lean_activations:
+        use_lean_swiglu(loaded.model, loaded.config)
     if settings.grad_checkpoint:
         use_grad_checkpoint(loaded.model)
     return lora_parameters, adapter_cfg

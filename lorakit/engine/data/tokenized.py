@@ -2,7 +2,10 @@
 
 Public API (train and eval share it):
 
-    load_split(data_dir, split, tokenizer, train_on, max_seq_length, reporter, cache_dir=None) -> Split
+    load_split(data_dir, split, tokenizer, train_on, max_seq_length, reporter, cache_dir=None,
+               template="tokenizer") -> Split
+    rendering_of(split, tokenizer) -> {"format", "template", "train_on"}: how a training split was rendered
+                                      (the adapter config keeps it, so eval and generate render alike)
 
 `Split.examples` is a list of `TokenizedExample(tokens, mask)`: `tokens` (int32) are the whole rendered example,
 `mask[i]` (bool) says whether token i is a *target* that carries loss (it is predicted from tokens[:i]).
@@ -29,6 +32,10 @@ right after the prefix in the full rendering, or, for templates that re-render e
 moves the system prompt to the last user turn), wherever that text is found. The tokens of the full
 rendering (HF offsets) that lie inside that span are marked, up to its last special token, so the
 separator after the end-of-turn token (e.g. the newline after <|im_end|>) is left out.
+
+`template` (eval renders as the adapter was trained) replaces the tokenizer's chat template: None renders
+prompt/completion records as raw prompt + completion + eos (chat records are refused), a Jinja source renders
+through that template (lorakit.engine.data.templates, with the tokenizer's bos/eos tokens).
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from lorakit.io import cache_dir as io_cache_dir
 from lorakit.io import iter_jsonl, sha256_file
 
 CACHE_VERSION = 1
+TOKENIZER_TEMPLATE = "tokenizer"  # `template`: the tokenizer's own chat template (what training uses)
 
 
 @dataclass
@@ -139,23 +147,45 @@ def _common_prefix(a: str, b: str) -> int:
     return i
 
 
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(_hf(tokenizer), "chat_template", None))
+
+
+def render_chat(tokenizer: Any, messages: list[dict], template: str, generation_prompt: bool,
+                tools: Any = None) -> str:
+    """A chat as text through `template`: TOKENIZER_TEMPLATE (the tokenizer's apply_chat_template) or a Jinja
+    source (lorakit's renderer, with the tokenizer's bos/eos tokens, as `lorakit prepare` renders)."""
+    if template == TOKENIZER_TEMPLATE:
+        kwargs = {"tools": tools} if tools else {}
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                             **kwargs)
+    from lorakit.engine.data.templates import render
+
+    special = {k: v for k in ("bos_token", "eos_token") if isinstance(v := getattr(tokenizer, k, None), str)}
+    return render(messages, template, add_generation_prompt=generation_prompt, tools=tools or None, **special)
+
+
 class _Renderer:
     """Tokenises one split's records and computes their loss masks."""
 
-    def __init__(self, tokenizer: Any, fmt: str, train_on: str, path: Path, reporter: Reporter) -> None:
+    def __init__(self, tokenizer: Any, fmt: str, train_on: str, path: Path, reporter: Reporter,
+                 template: str | None = TOKENIZER_TEMPLATE) -> None:
         self.tokenizer = tokenizer
         self.fmt = fmt
         self.train_on = train_on
         self.path = path
         self.reporter = reporter
         self.special = _special_ids(tokenizer)
-        self.has_template = bool(getattr(_hf(tokenizer), "chat_template", None))
+        self.own_template = template == TOKENIZER_TEMPLATE
+        # the template to render through (TOKENIZER_TEMPLATE or a Jinja source), None: raw text
+        self.template = (TOKENIZER_TEMPLATE if has_chat_template(tokenizer) else None) if self.own_template \
+            else template
+        self.has_template = self.template is not None
         self.warned_unstable = False
 
     def render(self, messages: list[dict], tools: Any, generation_prompt: bool) -> str:
-        kwargs = {"tools": tools} if tools else {}
-        return self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=generation_prompt, **kwargs)
+        assert self.template is not None
+        return render_chat(self.tokenizer, messages, self.template, generation_prompt, tools)
 
     def example(self, record: dict, lineno: int) -> TokenizedExample:
         where = f"{self.path}:{lineno}"
@@ -190,9 +220,13 @@ class _Renderer:
         return _example(tokens + [self.tokenizer.eos_token_id], mask + [True])
 
     def _chat(self, messages: list[dict], tools: Any, where: str) -> TokenizedExample:
-        if not self.has_template:
+        if not self.has_template and self.own_template:
             raise UserError(f"{where}: chat records need a chat template, and this tokenizer has none; "
                             "render the data with `lorakit prepare --format text --template NAME`")
+        if not self.has_template:
+            raise UserError(f"{where}: chat records need a chat template, and prompts are rendered as raw text "
+                            "here (--no-chat-template, or an adapter trained on raw text): pass --chat-template "
+                            "or --template NAME")
         try:
             full = self.render(messages, tools, generation_prompt=False)
         except Exception as e:  # noqa: BLE001  (jinja raises anything, e.g. on roles that do not alternate)
@@ -260,9 +294,12 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
-def _cache_file(cache_dir: Path, path: Path, tokenizer: Any, train_on: str, max_seq_length: int) -> Path:
-    key = hashlib.sha256(json.dumps([CACHE_VERSION, sha256_file(path), tokenizer_fingerprint(tokenizer),
-                                     train_on, max_seq_length]).encode()).hexdigest()[:32]
+def _cache_file(cache_dir: Path, path: Path, tokenizer: Any, train_on: str, max_seq_length: int,
+                template: str | None) -> Path:
+    parts = [CACHE_VERSION, sha256_file(path), tokenizer_fingerprint(tokenizer), train_on, max_seq_length]
+    if template != TOKENIZER_TEMPLATE:  # training's keys stay as they were
+        parts.append(template)
+    key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
     return Path(cache_dir) / "tokenized" / f"{key}.npz"
 
 
@@ -293,11 +330,15 @@ def _load_cache(file: Path, path: Path) -> Split | None:
 
 
 def load_split(data_dir: Path, split: str, tokenizer: Any, train_on: str, max_seq_length: int,
-               reporter: Reporter | None = None, cache_dir: Path | None = None) -> Split:
-    """Read `data_dir/<split>.jsonl`, tokenise (or reuse the cache), truncate, and compute loss masks."""
+               reporter: Reporter | None = None, cache_dir: Path | None = None, *,
+               template: str | None = TOKENIZER_TEMPLATE) -> Split:
+    """Read `data_dir/<split>.jsonl`, tokenise (or reuse the cache), truncate, and compute loss masks.
+
+    `template`: TOKENIZER_TEMPLATE (training's rendering), a Jinja source, or None (raw text); see the module
+    docstring."""
     reporter = reporter or Reporter()
     path = split_path(data_dir, split)
-    cache_file = _cache_file(cache_dir or io_cache_dir(), path, tokenizer, train_on, max_seq_length)
+    cache_file = _cache_file(cache_dir or io_cache_dir(), path, tokenizer, train_on, max_seq_length, template)
     if cache_file.exists():
         cached = _load_cache(cache_file, path)
         if cached is not None:
@@ -308,7 +349,7 @@ def load_split(data_dir: Path, split: str, tokenizer: Any, train_on: str, max_se
         raise UserError(f"{path}: no records; the {split} split must hold at least one example")
     fmt = detect_format(records[0][1], f"{path}:{records[0][0]}")
     effective = resolve_train_on(train_on, fmt, str(path))
-    renderer = _Renderer(tokenizer, fmt, effective, path, reporter)
+    renderer = _Renderer(tokenizer, fmt, effective, path, reporter, template)
     examples: list[TokenizedExample] = []
     truncated = dropped = 0
     reporter.start(f"tokenising {split}", total=len(records))
@@ -342,3 +383,34 @@ def _report(split: Split, max_seq_length: int, reporter: Reporter) -> None:
     if not split.examples:
         raise UserError(f"{split.path}: no usable examples (all {split.dropped} lack loss-bearing tokens); "
                         "raise --max-seq-length or check --train-on")
+
+
+def rendering_of(split: Split, tokenizer: Any) -> dict[str, Any]:
+    """How a training split was rendered, for the adapter config: {"format", "template", "train_on"}.
+
+    `template` is TOKENIZER_TEMPLATE (the tokenizer's own chat template: chat records, and prompt/completion
+    records when the tokenizer has one), the name or Jinja file `lorakit prepare --format text --template`
+    rendered chats into this split's text with (its manifest.json says), or None (raw text).
+    """
+    if split.format == "text":
+        template = prepared_template(split.path.parent)
+    elif split.format == "completions" and not has_chat_template(tokenizer):
+        template = None
+    else:
+        template = TOKENIZER_TEMPLATE
+    return {"format": split.format, "template": template, "train_on": split.train_on}
+
+
+def prepared_template(data_dir: Path) -> str | None:
+    """The template `lorakit prepare --format text` rendered chats with, from the directory's manifest.json;
+    None when the text was not rendered from chats (or there is no manifest)."""
+    try:
+        manifest = json.loads((Path(data_dir) / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("output_format") != "text":
+        return None
+    if set(manifest.get("formats") or {}) <= {"text"}:  # text in, text out: no template touched it
+        return None
+    template = manifest.get("template")
+    return template if isinstance(template, str) and template else None

@@ -62,18 +62,37 @@ def apply_adapters(model: nn.Module, settings: Any) -> dict:
     return params
 
 
-def adapter_config(settings: Any, loaded: LoadedModel, lora_parameters: dict) -> dict:
-    """adapter_config.json: mlx-lm's keys (so mlx_lm.generate/fuse read it) plus a `lorakit` section."""
+def adapter_config(settings: Any, loaded: LoadedModel, lora_parameters: dict,
+                   rendering: dict | None = None) -> dict:
+    """adapter_config.json: mlx-lm's keys (so mlx_lm.generate/fuse read it) plus a `lorakit` section.
+
+    `rendering` (data.tokenized.rendering_of the train split) records how the training data was rendered, so
+    that eval and generate render prompts the same way.
+    """
     from lorakit.settings import settings_dict
 
     num_layers = len(loaded.model.layers) if settings.num_layers < 0 else settings.num_layers
+    section: dict[str, Any] = {"settings": settings_dict(settings), "base": base_signature(loaded.config)}
+    if rendering is not None:
+        section["rendering"] = rendering
     return {
         "model": loaded.name,
         "fine_tune_type": settings.fine_tune_type,
         "num_layers": num_layers,
         "lora_parameters": lora_parameters,
-        "lorakit": {"settings": settings_dict(settings), "base": base_signature(loaded.config)},
+        "lorakit": section,
     }
+
+
+def trained_rendering(config: dict) -> dict | None:
+    """How the adapter's training data was rendered ({"format", "template", "train_on"}), or None for an
+    adapter that does not say (older lorakit, mlx-lm's own)."""
+    rendering = (config.get("lorakit") or {}).get("rendering")
+    if not isinstance(rendering, dict) or rendering.get("format") not in ("chat", "completions", "text"):
+        return None
+    template = rendering.get("template")
+    return {"format": rendering["format"], "template": template if isinstance(template, str) else None,
+            "train_on": rendering.get("train_on")}
 
 
 def trainable_weights(model: nn.Module) -> dict[str, mx.array]:

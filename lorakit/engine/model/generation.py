@@ -1,12 +1,13 @@
-"""Generation building blocks shared by `generate` and `eval`: mlx-lm's sampling, prompts through the chat
-template, one streamed answer or a batch, and `base_model` (LoRA switched off without reloading the model).
+"""Generation building blocks shared by `generate` and `eval`: mlx-lm's sampling, how prompts are rendered
+(`Rendering`: as the adapter was trained unless a flag says otherwise), prompts through a chat template or as
+raw text, one streamed answer or a batch, and `base_model` (LoRA switched off without reloading the model).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import mlx.core as mx
@@ -18,6 +19,8 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
 from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
 
+from lorakit.engine.data.tokenized import TOKENIZER_TEMPLATE, render_chat
+from lorakit.engine.reporter import Reporter
 from lorakit.errors import UserError
 
 Messages = list[dict[str, str]]
@@ -48,6 +51,91 @@ def make_sampling(opts: Any) -> Sampling:
     return Sampling(sampler, processors)
 
 
+@dataclass(frozen=True)
+class Rendering:
+    """How prompts become text: through a chat template or as raw text, and why."""
+
+    template: str | None  # TOKENIZER_TEMPLATE, a built-in template name or Jinja file, or None: raw text
+    reason: str  # why, in words: "as the adapter was trained (text records)", "--no-chat-template", ...
+    trained: dict | None = None  # the adapter's record of how its training data was rendered
+    jinja: str | None = None  # the source of a named template
+
+    @property
+    def chat(self) -> bool:
+        return self.template is not None
+
+    @property
+    def split_template(self) -> str | None:
+        """The `template` argument of data.tokenized.load_split that renders records the same way."""
+        return self.jinja if self.jinja is not None else self.template
+
+    def describe(self) -> str:
+        how = {None: "raw text", TOKENIZER_TEMPLATE: "the tokenizer's chat template"}.get(
+            self.template, f"chat template {self.template}")
+        return f"{how} ({self.reason})"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"template": self.template, "reason": self.reason, "trained": self.trained,
+                "description": self.describe()}
+
+
+def _trained_words(trained: dict) -> str:
+    if trained["format"] == "text":
+        return "text" + (f" rendered with {trained['template']}" if trained["template"] else "")
+    if trained["format"] == "completions":
+        return "completions" + ("" if trained["template"] else " without a template")
+    return "chats"
+
+
+def _named(name: str, reason: str, trained: dict | None, from_adapter: bool) -> Rendering:
+    from lorakit.engine.data.templates import get_template
+
+    try:
+        return Rendering(name, reason, trained, get_template(name))
+    except UserError as e:
+        if not from_adapter:
+            raise
+        raise UserError(f"the adapter was trained on text rendered with template {name!r}, which cannot be "
+                        f"loaded here ({e}); pass --template NAME, or --no-chat-template") from None
+
+
+def choose_rendering(chat_template: bool | None, template: str | None, trained: dict | None,
+                     adapter: bool) -> Rendering:
+    """How to render prompts, before the model is loaded: --template NAME, --chat-template (the adapter's
+    named template if it was trained with one, else the tokenizer's), --no-chat-template, or by default the
+    way the adapter was trained (`trained`, adapters.trained_rendering); an adapter that does not say and no
+    adapter at all keep the tokenizer's template (fit_rendering falls back to raw text without one)."""
+    if template is not None:
+        if chat_template is False:
+            raise UserError("--template renders prompts through a chat template and --no-chat-template as raw "
+                            "text: pass one of them")
+        return _named(template, f"--template {template}", trained, from_adapter=False)
+    if chat_template is False:
+        return Rendering(None, "--no-chat-template", trained)
+    trained_named = trained is not None and trained["template"] not in (None, TOKENIZER_TEMPLATE)
+    if chat_template is True:
+        if trained_named:
+            return _named(trained["template"], "--chat-template", trained, from_adapter=True)
+        return Rendering(TOKENIZER_TEMPLATE, "--chat-template", trained)
+    if trained is not None:
+        reason = f"as the adapter was trained: {_trained_words(trained)}"
+        if trained_named:
+            return _named(trained["template"], reason, trained, from_adapter=True)
+        return Rendering(trained["template"], reason, trained)
+    if adapter:
+        return Rendering(TOKENIZER_TEMPLATE, "the default: the adapter does not say how it was trained")
+    return Rendering(TOKENIZER_TEMPLATE, "the default without an adapter")
+
+
+def fit_rendering(rendering: Rendering, tokenizer: Any, model: str, reporter: Reporter) -> Rendering:
+    """The rendering for the loaded tokenizer: its own template stands for raw text when it has none."""
+    if rendering.template != TOKENIZER_TEMPLATE or tokenizer.has_chat_template:
+        return rendering
+    if rendering.reason == "--chat-template":
+        reporter.warn(f"the tokenizer of {model} has no chat template; using the prompt text as is")
+    return replace(rendering, template=None, reason=f"{rendering.reason}; the tokenizer has none")
+
+
 def check_messages(messages: Any) -> Messages:
     if not isinstance(messages, list) or not messages:
         raise UserError("'messages' must be a non-empty list of {\"role\": ..., \"content\": ...} objects")
@@ -58,37 +146,52 @@ def check_messages(messages: Any) -> Messages:
 
 
 def build_prompt(tokenizer: Any, prompt: str | Messages, system: str | None = None,
-                 chat_template: bool = True) -> list[int]:
-    """Token ids for a prompt text or a chat, through the tokenizer's chat template unless told otherwise.
+                 chat_template: bool = True, template: str | None = None) -> list[int]:
+    """Token ids for a prompt text or a chat, through a chat template unless told otherwise: `template` (a
+    Jinja source, rendered as `lorakit prepare` renders) or else the tokenizer's.
 
     `system` is put first unless the chat has its own system message. A chat ending with an assistant
     message is continued: its text is the start of the answer. Without a template (chat_template False,
     or a tokenizer that has none) a text prompt is encoded as is and a chat is refused.
     """
-    if chat_template and tokenizer.has_chat_template:
+    if chat_template and (template is not None or tokenizer.has_chat_template):
         if isinstance(prompt, str):
             messages = [{"role": "user", "content": prompt}]
         else:
             messages = check_messages(prompt)
         if system is not None and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": system}, *messages]
-        prefill = messages[-1]["role"] == "assistant"
-        try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=not prefill,
-                                                 continue_final_message=prefill)
-        except Exception as e:  # noqa: BLE001  (jinja raises anything: SecurityError, TypeError, ...)
-            raise UserError(f"the tokenizer's chat template cannot render this prompt ({type(e).__name__}: "
-                            f"{e}); fix the template or pass --no-chat-template") from None
+        text = _chat_text(tokenizer, messages, template)
         tokens = tokenizer.encode(text, add_special_tokens=False)
     elif isinstance(prompt, str):
         bos = tokenizer.bos_token
         tokens = tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
     else:
-        raise UserError("'messages' needs a chat template; give a 'prompt' text instead, or use a model "
-                        "whose tokenizer has a chat template (and drop --no-chat-template)")
+        raise UserError("'messages' needs a chat template, and prompts are rendered as raw text here; give a "
+                        "'prompt' text instead, or render through a template (--chat-template, --template NAME)")
     if not tokens:
         raise UserError("the prompt is empty")
     return tokens
+
+
+def _chat_text(tokenizer: Any, messages: Messages, template: str | None) -> str:
+    """The chat through the template, ready for the answer: with the generation prompt, or (a chat ending
+    with an assistant message) cut right after that message's text, which the answer continues."""
+    prefill = messages[-1]["role"] == "assistant"
+    try:
+        if template is None:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=not prefill,
+                                                 continue_final_message=prefill)
+        text = render_chat(tokenizer, messages, template, generation_prompt=not prefill)
+    except Exception as e:  # noqa: BLE001  (jinja raises anything: SecurityError, TypeError, ...)
+        which = "the tokenizer's chat template" if template is None else "the chat template"
+        raise UserError(f"{which} cannot render this prompt ({type(e).__name__}: {e}); fix the template or "
+                        "pass --no-chat-template") from None
+    if prefill:
+        content = messages[-1]["content"]
+        end = text.rfind(content)
+        text = text[:end + len(content)] if content and end >= 0 else text
+    return text
 
 
 def check_prompt_length(tokens: list[int], context_length: int | None, where: str) -> None:
