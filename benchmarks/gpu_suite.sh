@@ -4,7 +4,7 @@
 # Usage (repo root, after `source .gpu/b/setup.sh`):
 #   bash benchmarks/gpu_suite.sh [model] [steps] [seconds] [runs]
 # runs: comma list of attention, uniform, longtail, longtail_mask, longtail_pack, longtail_mask_pack,
-#       qlora_block, 8b_bf16, 8b_q4, uniform_lean (the QLoRA and lean-step runs; 8b_* use the Llama-3.1-8B shape)
+#       qlora_block, 8b_bf16, 8b_q4, 8b_q4_budget, uniform_lean (the QLoRA and lean-step runs; 8b_* use the Llama-3.1-8B shape)
 # (default: all, in that order; a run that would start past [seconds], default 530, is skipped).
 # mlx-lm always runs at batch 8; lorakit variants set their own batch (pack: rows of max_len tokens).
 set -u
@@ -38,6 +38,8 @@ for run in ${RUNS//,/ }; do
                  python benchmarks/qlora_bench.py 2>>"$OUT/table.txt" >"$OUT/qlora_block.json" ;;
     8b_bf16) bench 8b_bf16 $B8 --trainers mlx-lm,lorakit ;;
     8b_q4) bench 8b_q4 $B8 --quantize 4 --trainers mlx-lm,lorakit --variant no-fast-qlora:fast_qlora=false ;;
+    8b_q4_budget) bench 8b_q4_budget $B8 --quantize 4 --trainers mlx-lm,lorakit --variant mem30:max_memory=30 \
+                    --variant mem24:max_memory=24 ;;
     uniform_lean) bench uniform_lean $B --data uniform --trainers mlx-lm,lorakit --variant no-lean:lean_activations=false ;;
     *) echo "unknown run: $run" >&2; exit 2 ;;
   esac

@@ -214,6 +214,10 @@ class TrainSettings(SeedOption, ModelOptions):
     )
     max_grad_norm: float | None = Field(None, gt=0, description="Clip the global gradient norm to this.")
     grad_checkpoint: bool = Field(False, description="Recompute activations in backward to save memory.")
+    max_memory: float | None = Field(
+        None, gt=0, description="Memory budget in GB: above it MLX waits for queued work to free memory "
+                                "(default: MLX's own limit)."
+    )
     fast_qlora: bool = Field(
         True, description="Quantized base: de-quantize each weight just before its matmul (CPU, CUDA; not Metal)."
     )

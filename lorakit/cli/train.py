@@ -55,6 +55,7 @@ def command(
     min_lr_ratio: Annotated[float | None, opt(S, "min_lr_ratio")] = None,
     max_grad_norm: Annotated[float | None, opt(S, "max_grad_norm")] = None,
     grad_checkpoint: Annotated[bool | None, opt(S, "grad_checkpoint")] = None,
+    max_memory: Annotated[float | None, opt(S, "max_memory")] = None,
     fast_qlora: Annotated[bool | None, opt(S, "fast_qlora")] = None,
     lean_activations: Annotated[bool | None, opt(S, "lean_activations")] = None,
     steps_per_report: Annotated[int | None, opt(S, "steps_per_report")] = None,

@@ -48,8 +48,22 @@ def run(settings: TrainSettings, reporter: Reporter) -> TrainResult:
     # Before anything is written: an --adapter-path that is, holds or sits in an input would swallow it.
     check_output_location(settings.adapter_path, "--adapter-path",
                           [("--data", settings.data), ("--model", settings.model)])
-    with _adapter_path_lock(settings.adapter_path, world):
+    with _adapter_path_lock(settings.adapter_path, world), _memory_limit(settings.max_memory):
         return _run(settings, reporter, world, wall_start)
+
+
+@contextlib.contextmanager
+def _memory_limit(gigabytes: float | None) -> Iterator[None]:
+    """--max-memory: above it, MLX waits for queued work to finish (freeing its buffers) before allocating
+    more; without it, queued work may hold e.g. many layers' de-quantized QLoRA weights at once."""
+    if gigabytes is None:
+        yield
+        return
+    previous = mx.set_memory_limit(int(gigabytes * 1e9))
+    try:
+        yield
+    finally:
+        mx.set_memory_limit(previous)
 
 
 @contextlib.contextmanager
