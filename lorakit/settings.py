@@ -186,7 +186,7 @@ class TrainSettings(SeedOption, ModelOptions):
     lora_rank: int = Field(8, gt=0, description="LoRA rank r.")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch input.")
-    num_layers: int = Field(-1, ge=-1, description="Adapt the last N transformer blocks (-1: all).")
+    num_layers: int = Field(-1, description="Adapt the last N transformer blocks (-1: all).")
     target_modules: CommaList = Field(
         ["all-linear"], description="Module names or presets: attention, mlp, all-linear."
     )

@@ -118,8 +118,8 @@ def random_adapter_dir(model_dir: str | Path, path: str | Path, *, fine_tune_typ
     settings = TrainSettings(model=str(model_dir), data=Path("."), fine_tune_type=fine_tune_type, lora_rank=rank,
                              lora_alpha=alpha, num_layers=num_layers, target_modules=list(target_modules))
     loaded = load_model(settings)
+    mx.random.seed(seed)  # before the adapters: their A matrices are drawn too (same adapter in any test order)
     lora_parameters = apply_adapters(loaded.model, settings)
-    mx.random.seed(seed)
     for _, module in loaded.model.named_modules():
         if hasattr(module, "lora_b"):
             module.lora_b = b_scale * mx.random.normal(module.lora_b.shape)

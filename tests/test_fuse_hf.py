@@ -58,18 +58,19 @@ def test_transformers_loads_the_fused_model_and_agrees(case, fused_dirs):
 
 @pytest.mark.parametrize("case", ["float-lora", "gguf-lora"])
 def test_same_greedy_output_in_mlx_and_transformers(case, fused_dirs):
-    from mlx_lm import generate
+    from mlx_lm import stream_generate
 
     path = fused_dirs[case]
     model, tokenizer = mlx_model(path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[1]}], add_generation_prompt=True)
-    ours = generate(model, tokenizer, ids, max_tokens=12)
+    ours = [r.token for r in stream_generate(model, tokenizer, ids, max_tokens=12)]
     with torch.no_grad():
         out = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
-    theirs = tokenizer.decode([t for t in out[0, len(ids):].tolist() if t != tokenizer.eos_token_id])
-    assert ours and ours == theirs
+    theirs = out[0, len(ids):].tolist()
+    # token ids, not text: the two libraries' detokenizers differ on a leading space
+    assert ours and ours == theirs[: len(ours)] and len(theirs) <= len(ours) + 1
 
 
 def test_gguf_sourced_config_is_standard(fused_dirs):
