@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 import mlx.core as mx
 import numpy as np
+from timing import time_and_peak
 
 
 def plain_attention(q, k, v, scale, mask):
@@ -42,20 +42,8 @@ def packed_mask(batch: int, length: int, rng: np.random.Generator) -> mx.array:
 
 def measure(fn, args, repeats: int) -> tuple[float, float, list[mx.array]]:
     grad = mx.value_and_grad(lambda q, k, v: (fn(q, k, v).astype(mx.float32) ** 2).sum(), argnums=(0, 1, 2))
-    out = grad(*args)
-    mx.eval(out)
-    mx.synchronize()
-    mx.reset_peak_memory()
-    base = mx.get_active_memory()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = grad(*args)
-        mx.eval(out)
-        mx.synchronize()
-        times.append(time.perf_counter() - start)
-    peak = (mx.get_peak_memory() - base) / 1e9
-    return float(np.median(times)), peak, [out[0], *out[1]]
+    seconds, peak, out = time_and_peak(lambda: grad(*args), repeats)
+    return seconds, peak, [out[0], *out[1]]
 
 
 def main() -> None:

@@ -14,15 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 from lorakit.blas import preload
 
 preload()  # OpenBLAS before mlx is first imported on Linux CPU: keep this call above the mlx imports
 
 import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
 from mlx import nn  # noqa: E402
+from timing import time_and_peak  # noqa: E402
 
 from lorakit.engine.model.qlora import use_dequantized_matmuls  # noqa: E402
 
@@ -49,17 +48,8 @@ class Block(nn.Module):
 
 def measure(block: Block, x: mx.array, repeats: int) -> tuple[float, float]:
     step = mx.compile(mx.grad(lambda x: (block(x).astype(mx.float32) ** 2).sum()))
-    mx.eval(step(x))
-    mx.synchronize()
-    mx.reset_peak_memory()
-    base = mx.get_active_memory()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        mx.eval(step(x))
-        mx.synchronize()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)), (mx.get_peak_memory() - base) / 1e9
+    seconds, peak, _ = time_and_peak(lambda: step(x), repeats)
+    return seconds, peak
 
 
 def main() -> None:
