@@ -67,6 +67,8 @@ def train(bm: BenchModel, examples: list[bench_data.Example], spec: dict) -> dic
         "grad_checkpoint": spec.get("grad_checkpoint", False),
     }
     fields.update(spec.get("lorakit_opts", {}))
+    if fields.get("dtype") == "none":  # the model as stored (bench_models built it so)
+        fields["dtype"] = None
     settings = TrainSettings(**fields)
     mx.reset_peak_memory()
     start = time.perf_counter()

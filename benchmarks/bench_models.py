@@ -97,7 +97,7 @@ def build(name: str, dtype: str, seed: int = 0, scratch: Path | None = None, qua
         quantize = None
         q_group_size = 64
 
-    _Opts.dtype = dtype
+    _Opts.dtype = None if dtype == "none" else dtype  # none: as the file stores it (a GGUF stays quantized)
     loaded = load_model(_Opts())
     return BenchModel(loaded.model, loaded.config, name, loaded.path)
 

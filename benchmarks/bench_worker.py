@@ -51,7 +51,10 @@ def flops_per_trained_token(model, config: dict, examples: list, mask_prompt: bo
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
-    bm = bench_models.build(spec["model"], spec["dtype"], seed=spec["seed"], scratch=Path(spec["scratch"]),
+    # a lorakit variant may load the model in another dtype (e.g. a GGUF as shipped vs de-quantized)
+    dtype = spec.get("lorakit_opts", {}).get("dtype", spec["dtype"]) if spec["trainer"].startswith("lorakit") \
+        else spec["dtype"]
+    bm = bench_models.build(spec["model"], dtype, seed=spec["seed"], scratch=Path(spec["scratch"]),
                             quantize=spec.get("quantize"))
     blas = blas_loaded()
     count = spec["batch_size"] * (spec["warmup"] + spec["steps"])

@@ -139,7 +139,7 @@ def main(
                                             "llama-3.2-1b, llama-3.2-3b, llama-3.1-8b (random weights).")] = "tiny",
     quantize: Annotated[int | None, typer.Option(help="Quantize a random-weight shape to 4 or 8 bits "
                                                       "(group 64, as mlx_lm convert -q) for QLoRA.")] = None,
-    dtype: Annotated[str | None, typer.Option(help="bfloat16/float16/float32 (default: bf16 on GPU, "
+    dtype: Annotated[str | None, typer.Option(help="bfloat16/float16/float32, or none (a model file as stored; default: bf16 on GPU, "
                                                       "fp32 on CPU).")] = None,
     data: Annotated[str, typer.Option(help="uniform (~1000-token chats) or longtail (50-2000 tokens).")] = "uniform",
     mask_prompt: Annotated[bool, typer.Option(help="Train on completions only.")] = False,

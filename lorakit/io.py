@@ -147,12 +147,12 @@ def check_output_location(out: str | Path, out_flag: str, inputs: Iterable[tuple
             continue
         source = Path(value).expanduser().resolve()
         if target == source:
-            raise UserError(f"{out_flag} {out}: is the {flag} input itself; choose another {out_flag}")
+            raise UserError(f"{out_flag} {out}: is an input ({flag} {value}); choose another {out_flag}")
         if target in source.parents:
-            raise UserError(f"{out_flag} {out}: contains the {flag} input {value}; replacing it would delete "
+            raise UserError(f"{out_flag} {out}: contains an input ({flag} {value}); replacing it would delete "
                             f"that input. Choose another {out_flag}")
         if source in target.parents and source.is_dir() and flag not in inside_ok:
-            raise UserError(f"{out_flag} {out}: is inside the {flag} input {value}; keep outputs outside "
+            raise UserError(f"{out_flag} {out}: is inside an input ({flag} {value}); keep outputs outside "
                             f"their inputs. Choose another {out_flag}")
 
 

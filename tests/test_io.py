@@ -51,7 +51,7 @@ def test_output_overlapping_an_input_is_refused(tmp_path, relation):
     data.mkdir()
     (data / "train.jsonl").write_text("{}\n")
     out = {"same": data, "contains": tmp_path, "inside": data / "run"}[relation]
-    with pytest.raises(UserError, match=f"--out {out}: (is the --data input|contains the --data|is inside)"):
+    with pytest.raises(UserError, match=rf"--out {out}: (is an input \(--data|contains an input \(--data|is inside an input)"):
         check_output_location(out, "--out", [("--data", data)])
 
 

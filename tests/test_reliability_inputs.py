@@ -65,8 +65,8 @@ def test_prepare_overwrite_never_replaces_its_input(tmp_path):
     raw = raw_data(tmp_path / "x")
     before = digest(tmp_path)
     refused(invoke("prepare", raw, "--out", tmp_path / "x", "--overwrite"), "--out",
-            "contains the INPUT input", str(raw))
-    refused(invoke("prepare", raw, "--out", raw, "--overwrite"), "--out", "is the INPUT input itself")
+            "contains an input (INPUT", str(raw))
+    refused(invoke("prepare", raw, "--out", raw, "--overwrite"), "--out", "is an input (INPUT")
     assert digest(tmp_path) == before
 
 
@@ -78,10 +78,10 @@ def test_prepare_out_next_to_or_inside_model_tokenizer_template(tmp_path, tiny_m
     template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     before = digest(tmp_path)
     refused(invoke("prepare", raw, "--out", model / "data", "--model", model), "--out",
-            "inside the --model input")
-    refused(invoke("prepare", raw, "--out", model, "--tokenizer", model, "--overwrite"), "--tokenizer input")
+            "inside an input (--model")
+    refused(invoke("prepare", raw, "--out", model, "--tokenizer", model, "--overwrite"), "is an input (--tokenizer")
     refused(invoke("prepare", raw, "--out", template.parent, "--template", template, "--overwrite"),
-            "contains the --template input")
+            "contains an input (--template")
     assert digest(tmp_path) == before
 
 
@@ -224,9 +224,9 @@ def test_fuse_overwrite_never_replaces_the_model(tmp_path, tiny_model, adapter):
     model = Path(shutil.copytree(tiny_model, tmp_path / "m"))
     before = digest(model, adapter)
     refused(invoke("fuse", "--model", model, "--adapter-path", adapter, "--out", model, "--overwrite"),
-            "--out", "is the --model input itself")
+            "--out", "is an input (--model")
     refused(invoke("fuse", "--model", model, "--adapter-path", adapter, "--out", model / "fused"),
-            "inside the --model input")
+            "inside an input (--model")
     assert digest(model, adapter) == before and not (model / "fused").exists()
 
 
@@ -235,9 +235,9 @@ def test_fuse_out_and_adapter(tmp_path, tiny_model, adapter):
     mine = Path(shutil.copytree(adapter, runs / "adapter"))
     before = digest(tmp_path)
     refused(invoke("fuse", "--model", tiny_model, "--adapter-path", mine, "--out", runs, "--overwrite"),
-            "--out", "contains the --adapter-path input")
+            "--out", "contains an input (--adapter-path")
     refused(invoke("fuse", "--model", tiny_model, "--adapter-path", mine, "--out", mine / "fused"),
-            "inside the --adapter-path input")
+            "inside an input (--adapter-path")
     assert digest(tmp_path) == before
 
 
@@ -245,10 +245,10 @@ def test_fuse_gguf_inside_an_input_is_refused(tmp_path, tiny_model, adapter):
     model = Path(shutil.copytree(tiny_model, tmp_path / "m"))
     before = digest(model, adapter)
     refused(invoke("fuse", "--model", model, "--adapter-path", adapter, "--out", tmp_path / "f",
-                   "--export-gguf", model / "model.gguf"), "--export-gguf", "inside the --model input")
+                   "--export-gguf", model / "model.gguf"), "--export-gguf", "inside an input (--model")
     refused(invoke("fuse", "--model", model, "--adapter-path", adapter, "--out", tmp_path / "f",
                    "--export-gguf", adapter / "model.gguf"), "--export-gguf",
-            "inside the --adapter-path input")
+            "inside an input (--adapter-path")
     assert digest(model, adapter) == before and not (tmp_path / "f").exists()
 
 
@@ -261,7 +261,7 @@ def test_fuse_out_holding_the_config_is_refused(tmp_path, tiny_model, adapter):
     refused(invoke("fuse", "--adapter-path", adapter, "--out", out, "--overwrite", "--config", config),
             "--out", "--config")
     refused(invoke("fuse", "--adapter-path", adapter, "--out", tmp_path / "o", "--export-gguf", config,
-                   "--overwrite", "--config", config), "--export-gguf", "is the --config input itself")
+                   "--overwrite", "--config", config), "--export-gguf", "is an input (--config")
     assert digest(tmp_path) == before
 
 
@@ -335,7 +335,7 @@ def test_generate_input_or_output_that_is_a_directory(tmp_path, tiny_model):
     refused(invoke("generate", "--model", tiny_model, "--input", prompts, "--output", tmp_path),
             f"--output {tmp_path}: is a directory")
     refused(invoke("generate", "--model", tiny_model, "--input", prompts, "--output", prompts, "--overwrite"),
-            "--output", "is the --input input itself")
+            "--output", "is an input (--input")
     assert prompts.read_text() == '{"prompt": "hi"}\n'
 
 
@@ -367,9 +367,9 @@ def test_eval_out_is_locked_and_never_an_input(tmp_path, tiny_model, adapter):
         refused(invoke("eval", "--model", tiny_model, "--data", data, "--out", tmp_path / "ev"),
                 "in use by another lorakit run")
     refused(invoke("eval", "--model", tiny_model, "--data", data, "--out", data, "--overwrite"),
-            "is the --data input itself")
+            "is an input (--data")
     refused(invoke("eval", "--model", tiny_model, "--data", data, "--out", tmp_path, "--overwrite"),
-            "contains the --data input")
+            "contains an input (--data")
     assert digest(data, adapter) == before
 
 
