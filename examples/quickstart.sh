@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # lorakit quickstart: the whole pipeline, offline, on CPU, with a real 135M instruct model.
 #   prepare -> train -> eval --compare-base -> generate (base vs adapter) -> fuse -> generate (fused model)
+#   -> report (one HTML page: data, loss tokens, curves, eval, generations)
 # About 10 minutes on a 2-core Linux machine. No arguments needed; knobs via environment:
 #   QUICKSTART_OUT   output directory            (default: runs/quickstart)
 #   QUICKSTART_ITERS training steps              (default: 150)
@@ -54,6 +55,9 @@ lorakit fuse "${BASE[@]}" --adapter-path "$OUT/adapter" --out "$OUT/fused" --ove
 lorakit generate --model "$OUT/fused" --prompt "${PROMPTS[0]}" --max-tokens 80 --json >"$OUT/generate_fused.json"
 T_FUSE=$(elapsed "$t")
 
+echo "== report: $OUT/report.html" >&2
+lorakit report "$OUT/adapter" "$OUT/eval" --out "$OUT/report.html" --overwrite --json >"$OUT/report.json"
+
 python3 - "$OUT" <<'EOF'
 import json, sys
 from pathlib import Path
@@ -79,6 +83,7 @@ print(f"  fuse check: max logit diff {fuse['check']['max_logit_diff']:.2e} (tole
 print(f"  adapter:   {train['adapter_path']}   (best: {train['best_path']})")
 print(f"  fused:     {fuse['out']}")
 print(f"  eval:      {ev['out']}")
+print(f"  report:    {json.loads((out / 'report.json').read_text())['out']}   (open it in a browser)")
 EOF
 echo "  timings:   prepare $T_PREPARE, train $T_TRAIN, eval $T_EVAL, generate $T_GENERATE, fuse+generate $T_FUSE, total $(elapsed "$t0")"
 if ! python3 -c "import json,sys; d=json.load(open(sys.argv[1])); r=d['results']; sys.exit(0 if r['adapter']['loss']['loss'] < r['base']['loss']['loss'] else 1)" "$OUT/eval.json"; then

@@ -23,7 +23,7 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 from lorakit.builtin_templates import BUILTIN_TEMPLATES
 from lorakit.errors import UserError
 
-COMMANDS = ("prepare", "train", "eval", "generate", "fuse")
+COMMANDS = ("prepare", "train", "eval", "generate", "fuse", "report")
 TEMPLATES = tuple(BUILTIN_TEMPLATES)
 TARGET_PRESETS = {
     "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -368,12 +368,25 @@ class FuseSettings(ModelOptions):
     overwrite: bool = Field(False, description="Replace an existing --out.")
 
 
+class ReportSettings(Common):
+    paths: CommaList = Field(description="Prepared data directories, training runs (--adapter-path) and eval "
+                                         "outputs (a run brings its data and its eval-* outputs along).")
+    out: Path = Field(Path("report.html"), description="The HTML file to write (one self-contained page).")
+    examples: int = Field(3, ge=0, description="Training examples shown token by token, loss tokens marked.")
+    samples: int = Field(6, ge=0, description="Generations shown side by side per eval (reference, base, "
+                                              "adapter).")
+    overwrite: bool = Field(False, description="Replace an existing --out file.")
+
+    _split = field_validator("paths", mode="before")(_split_list)
+
+
 SETTINGS: dict[str, type[Common]] = {
     "prepare": PrepareSettings,
     "train": TrainSettings,
     "eval": EvalSettings,
     "generate": GenerateSettings,
     "fuse": FuseSettings,
+    "report": ReportSettings,
 }
 
 
@@ -381,48 +394,12 @@ def all_keys() -> set[str]:
     return {name for cls in SETTINGS.values() for name in cls.model_fields}
 
 
-# mlx-lm LoRA config keys -> lorakit keys (or None: accepted and ignored, with a note).
-def _translate_mlx_lm(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    notes: list[str] = []
-    out = dict(data)
-    params = out.pop("lora_parameters", None)
-    if isinstance(params, dict):
-        rank = params.get("rank", 8)
-        out.setdefault("lora_rank", rank)
-        if "scale" in params:
-            out.setdefault("lora_alpha", float(params["scale"]) * rank)
-        if "dropout" in params:
-            out.setdefault("lora_dropout", params["dropout"])
-        if params.get("keys"):
-            out.setdefault("target_modules", [k.split(".")[-1] for k in params["keys"]])
-    if "mask_prompt" in out:
-        out.setdefault("train_on", "completions" if out.pop("mask_prompt") else "all")
-    if "resume_adapter_file" in out:
-        path = out.pop("resume_adapter_file")
-        if path:
-            out.setdefault("resume_from", str(Path(path).parent))
-    schedule = out.pop("lr_schedule", None)
-    if isinstance(schedule, dict):
-        name = schedule.get("name", "constant")
-        out.setdefault("lr_schedule", {"cosine_decay": "cosine", "linear_schedule": "linear"}.get(name, name))
-        if schedule.get("warmup"):
-            out.setdefault("warmup", schedule["warmup"])
-    elif schedule is not None:
-        out.setdefault("lr_schedule", schedule)
-    opt_cfg = out.pop("optimizer_config", None)
-    if isinstance(opt_cfg, dict):
-        for conf in opt_cfg.values():
-            if isinstance(conf, dict) and "weight_decay" in conf:
-                out.setdefault("weight_decay", conf["weight_decay"])
-    for key in ("train", "test", "test_batches", "wandb", "report_to", "project_name", "hf_dataset",
-                "lora_layers"):
-        if key in out:
-            value = out.pop(key)
-            if key == "lora_layers":
-                out.setdefault("num_layers", value)
-            elif value not in (None, False):
-                notes.append(f"mlx-lm key '{key}' is not used by lorakit (ignored)")
-    return out, notes
+def _translate_mlx_lm(data: dict[str, Any], command: str) -> tuple[dict[str, Any], list[str], list[str]]:
+    """An mlx-lm LoRA config's keys -> lorakit keys, with notes on what lorakit does differently and the
+    problems that stop it (lorakit/mlx_lm_config.py); any other config is returned as it is."""
+    from lorakit.mlx_lm_config import translate
+
+    return translate(data, command)
 
 
 def _read_yaml(path: Path) -> Any:
@@ -454,14 +431,17 @@ def read_config(path: Path | None, command: str) -> tuple[dict[str, Any], list[s
     raw = _read_yaml(path)
     if not isinstance(raw, dict):
         raise UserError(f"--config {path}: expected a mapping of settings, got {type(raw).__name__}")
-    top = {k: v for k, v in raw.items() if k not in COMMANDS}
-    section = raw.get(command) or {}
+    # `train: true` is mlx-lm's "do train" flag (its YAML), not lorakit's train section
+    top = {k: v for k, v in raw.items() if k not in COMMANDS or (k == "train" and isinstance(v, bool))}
+    section = {} if command in top else raw.get(command) or {}
     if not isinstance(section, dict):
         raise UserError(f"--config {path}: section '{command}' must be a mapping")
-    merged, notes = _translate_mlx_lm({**top, **section})
+    merged, notes, mlx_problems = _translate_mlx_lm({**top, **section}, command)
+    if command != "train":  # an mlx-lm file configures training; other commands take only the keys they share
+        notes, mlx_problems = [], []
     known = all_keys()
     mine = SETTINGS[command].model_fields
-    problems = []
+    problems = [f"{path}: {problem}" for problem in mlx_problems]
     for key in merged:
         if key not in known:
             close = difflib.get_close_matches(str(key), sorted(known), n=1)
@@ -481,8 +461,8 @@ def read_config(path: Path | None, command: str) -> tuple[dict[str, Any], list[s
 
 def flag(name: str) -> str:
     """How the command line spells a settings field (the CLI's options and the error messages use it)."""
-    if name == "inputs":  # prepare's positional argument
-        return "INPUT..."
+    if name in ("inputs", "paths"):  # prepare's and report's positional arguments
+        return "INPUT..." if name == "inputs" else "PATH..."
     return "--json" if name == "json_output" else "--" + name.replace("_", "-")
 
 

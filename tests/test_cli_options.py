@@ -75,3 +75,38 @@ def test_the_engine_never_imports_the_cli():
             for module in modules:
                 assert module.split(".")[0] not in ("typer", "click", "rich"), f"{path}: imports {module}"
                 assert not module.startswith("lorakit.cli"), f"{path}: imports {module}"
+
+
+def help_text(command: str) -> str:
+    """A command's --help at 80 columns, its whitespace normalised (notes wrap across lines)."""
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    return " ".join(result.stdout.split())
+
+
+@pytest.mark.parametrize("command, text", [
+    ("train", ("--optimizer <str> Optimizer. [env: LORAKIT_OPTIMIZER] [default: adamw] "
+               "[possible values: adam, adamw, sgd, adafactor]")),
+    ("train", "[possible values: constant, cosine, linear]"),
+    ("prepare", "[possible values: messages, text]"),
+    ("fuse", "[possible values: f16, q8_0]"),
+    ("fuse", "[possible values: bfloat16, float16, float32]"),
+    ("train", ("-m, --model <str> Hugging Face repo id, local model directory, or .gguf file. "
+               "[env: LORAKIT_MODEL] [required]")),
+    ("train", ("--pack / --no-pack Pack several examples per row (no cross-example attention). "
+               "[env: LORAKIT_PACK] [default: --no-pack]")),
+    ("prepare", "INPUT Raw JSONL / JSON files to read. [env: LORAKIT_INPUTS] [required]"),
+])
+def test_help_shows_choices_env_defaults_and_required(command, text):
+    assert text in help_text(command)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_reads_like_uv(command):
+    """Every field's env variable, no type placeholder on a flag, no '(required)' default, and an example."""
+    text = help_text(command)
+    for name in SETTINGS[command].model_fields:
+        assert f"[env: LORAKIT_{name.upper()}]" in text, name
+    assert "<bool>" not in text and "(required)" not in text and "[default: none]" not in text
+    example = text.split("Example: ", 1)[1]
+    assert example.startswith(f"lorakit {command} ")

@@ -1,6 +1,15 @@
-"""The float fused model loads with transformers (CPU torch) and agrees with MLX: logits and greedy output."""
+"""The float fused model loads with transformers (CPU torch) and agrees with MLX: logits and greedy output.
+
+transformers 4.x (the `reference` extra allows >=4.46) is checked in a subprocess against an install named by
+LORAKIT_TRANSFORMERS4: directories made with `pip install --no-deps --target DIR transformers==4.46.3
+tokenizers==0.20.3 "huggingface_hub<1"` (no torch: the environment's torch is used), several joined by ':'.
+Without it that test skips (LORAKIT_REQUIRE_TRANSFORMERS4=1 makes absence a failure).
+"""
 
 import json
+import os
+import subprocess
+import sys
 
 import mlx.core as mx
 import numpy as np
@@ -89,3 +98,78 @@ def test_without_restored_rows_transformers_would_disagree(fused_dirs):
     with torch.no_grad():
         theirs = hf(torch.tensor([ids])).logits[0].numpy()
     assert np.abs(ours - theirs).max() > 0.1
+
+
+def test_tokenizer_config_is_readable_by_transformers_4(fused_dirs):
+    """transformers 5 saves `TokenizersBackend` and chat_template.jinja only; 4.x knows neither."""
+    config = json.loads((fused_dirs["float-lora"] / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert config["chat_template"] == (fused_dirs["float-lora"] / "chat_template.jinja").read_text()
+    assert "is_local" not in config and "local_files_only" not in config
+
+
+def test_portable_tokenizer_config_keeps_model_classes_and_renames_list_special_tokens():
+    from lorakit.engine.export.hf_export import portable_tokenizer_config
+
+    saved = {"tokenizer_class": "Qwen2Tokenizer", "extra_special_tokens": ["<a>", "<b>"], "is_local": True,
+             "chat_template": "T"}
+    assert portable_tokenizer_config(saved, "other") == {
+        "tokenizer_class": "Qwen2Tokenizer", "additional_special_tokens": ["<a>", "<b>"], "chat_template": "T"}
+    named = {"tokenizer_class": "TokenizersBackend", "extra_special_tokens": {"image_token": "<i>"}}
+    assert portable_tokenizer_config(named, None) == {
+        "tokenizer_class": "PreTrainedTokenizerFast", "extra_special_tokens": {"image_token": "<i>"}}
+
+
+_TRANSFORMERS4_CHECK = """
+import json, sys
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+out = {"version": transformers.__version__, "results": {}}
+for path in sys.argv[2:]:
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                         add_generation_prompt=True)
+    result = {"ids": [tokenizer.encode(p) for p in json.loads(sys.argv[1])], "chat": chat}
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None:
+        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+        with torch.no_grad():
+            result["logits"] = [model(torch.tensor([ids])).logits[0].tolist() for ids in result["ids"]]
+    out["results"][path] = result
+print(json.dumps(out))
+"""
+
+
+def _transformers4_installs() -> list[str]:
+    paths = [p for p in os.environ.get("LORAKIT_TRANSFORMERS4", "").split(os.pathsep) if p]
+    if not paths:
+        reason = "set LORAKIT_TRANSFORMERS4 to a `pip install --no-deps --target` dir of transformers 4.x"
+        if os.environ.get("LORAKIT_REQUIRE_TRANSFORMERS4") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return paths
+
+
+def test_transformers_4_loads_the_fused_model_and_agrees(fused_dirs):
+    """The same fused directories under transformers 4.x: tokenizer ids, chat template and logits as MLX."""
+    cases = ["float-lora", "q4-dora", "gguf-lora"]
+    for install in _transformers4_installs():
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [install, os.environ.get("PYTHONPATH")]))}
+        run = subprocess.run([sys.executable, "-c", _TRANSFORMERS4_CHECK, json.dumps(PROMPTS),
+                              *(str(fused_dirs[c]) for c in cases)],
+                             env=env, capture_output=True, text=True, check=False)
+        assert run.returncode == 0, run.stderr[-3000:]
+        out = json.loads(run.stdout.splitlines()[-1])
+        assert out["version"].startswith("4."), out["version"]
+        for case in cases:
+            model, tokenizer = mlx_model(fused_dirs[case])
+            result = out["results"][str(fused_dirs[case])]
+            assert result["ids"] == [tokenizer.encode(p) for p in PROMPTS]
+            assert result["chat"] == tokenizer.apply_chat_template(
+                [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+            for ids, theirs in zip(result["ids"], result.get("logits", [])):
+                ours = np.array(model(mx.array(ids)[None])[0].astype(mx.float32))
+                assert np.abs(ours - np.array(theirs)).max() < 1e-3, (out["version"], case)

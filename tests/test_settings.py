@@ -91,7 +91,23 @@ def test_mlx_lm_config_keys_are_translated(tmp_path):
     settings, notes = load_settings("train", {}, path)
     assert isinstance(settings, TrainSettings)
     assert (settings.lora_rank, settings.lora_alpha, settings.lora_dropout) == (4, 8.0, 0.1)
-    assert settings.train_on == "completions" and settings.num_layers == 8 and notes == []
+    assert settings.train_on == "completions" and settings.num_layers == 8
+    # what the file leaves out is mlx-lm's default, in one note (tests/test_mlx_lm_config.py has the rest)
+    assert notes == [("mlx-lm config: what it leaves out takes mlx-lm's defaults, as mlx_lm.lora would: "
+                      "optimizer adam, iters 1000, learning_rate 1e-05, steps_per_eval 200")]
+    assert (settings.iters, settings.learning_rate, settings.steps_per_eval) == (1000, 1e-5, 200)
+
+
+def test_mlx_lm_train_flag_is_not_a_section(tmp_path):
+    """mlx-lm's `train: true` is its "do train" flag; a `train:` mapping is lorakit's section."""
+    flag = config(tmp_path, {"model": "m", "data": "d", "train": True, "lora_parameters": {"rank": 4, "scale": 2.0}})
+    assert load_settings("train", {}, flag)[0].lora_alpha == 8.0
+    section = config(tmp_path, {"model": "m", "data": "d", "train": {"lora_rank": 4}})
+    assert load_settings("train", {}, section) == (load_settings("train", {"lora_rank": 4, "model": "m",
+                                                                           "data": "d"})[0], [])
+    bad = config(tmp_path, {"model": "m", "data": "d", "train": 3})
+    with pytest.raises(UserError, match="section 'train' must be a mapping"):
+        load_settings("train", {}, bad)
 
 
 def test_resolved_settings_round_trip(tmp_path):

@@ -7,15 +7,18 @@ from typing import Annotated
 import typer
 
 from lorakit.cli import eval as eval_command  # the module name would hide the builtin
-from lorakit.cli import fuse, generate, prepare, train
+from lorakit.cli import fuse, generate, prepare, report, train
+from lorakit.cli.help import Command
 
 app = typer.Typer(
     name="lorakit",
-    help="LoRA / DoRA / QLoRA fine-tuning on Apple MLX: prepare -> train -> eval -> generate -> fuse.",
+    help="LoRA / DoRA / QLoRA fine-tuning on Apple MLX: prepare -> train -> eval -> generate -> fuse; "
+         "report shows it all on one HTML page.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode=None,  # plain help like uv's and ruff's (lorakit.cli.help)
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
 )
 
 
@@ -53,11 +56,16 @@ def _root(
     """LoRA fine-tuning on MLX."""
 
 
-app.command("prepare")(prepare.command)
-app.command("train")(train.command)
-app.command("eval")(eval_command.command)
-app.command("generate")(generate.command)
-app.command("fuse")(fuse.command)
+COMMAND_TABLE = (  # name, module, the line `lorakit --help` shows
+    ("prepare", prepare, "Validate raw JSONL, normalise it, split it into train/valid/test."),
+    ("train", train, "LoRA, DoRA, QLoRA or full fine-tuning with exact resume."),
+    ("eval", eval_command, "Loss, generation and judge metrics: base vs adapter."),
+    ("generate", generate, "Text from a base model, an adapter or a fused model."),
+    ("fuse", fuse, "Merge the adapter into the base: mlx-lm, Hugging Face and GGUF."),
+    ("report", report, "One HTML page: data, loss tokens, curves, evals, generations."),
+)
+for _name, _module, _summary in COMMAND_TABLE:
+    app.command(_name, cls=Command, epilog=_module.EXAMPLE, short_help=_summary)(_module.command)
 
 
 def main() -> None:

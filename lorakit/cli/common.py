@@ -23,10 +23,11 @@ Run = Callable[[Any, "Reporter"], Any]  # (settings, reporter) -> the engine's r
 Render = Callable[[Any, Common], None]  # (result, settings): stdout, unless --json
 # (result, the CLI's reporter): stderr tables and lines, unless --quiet
 Summary = Callable[[Any, "Reporter"], None]
+Hint = Callable[[Any], str]  # result -> the next command to try (stderr, last, unless --quiet)
 
 # The outputs a command replaces whole with --overwrite: the --config file it read must not be inside one.
 # (train's `<adapter>/lorakit.yaml` read back with --resume is its documented flow: train checks its own.)
-REPLACED_OUTPUTS = {"prepare": ("out",), "fuse": ("out", "export_gguf")}
+REPLACED_OUTPUTS = {"prepare": ("out",), "fuse": ("out", "export_gguf"), "report": ("out",)}
 
 
 def _wants_debug(params: dict[str, Any]) -> bool:
@@ -79,9 +80,9 @@ def _keep_config(command: str, settings: Common, config: Any) -> None:
 
 
 def run_command(command: str, params: Mapping[str, Any], run: Run, render: Render,
-                summary: Summary | None = None) -> None:
+                summary: Summary | None = None, hint: Hint | None = None) -> None:
     """Resolve the settings of `command` from its flags (a command's `ctx.params`), run the engine through
-    `run`, then present the result; map every failure to its exit code."""
+    `run`, then present the result and the `hint`; map every failure to its exit code."""
     from lorakit.cli.reporting import RichReporter, err_console
 
     flags = given(params)
@@ -104,6 +105,8 @@ def run_command(command: str, params: Mapping[str, Any], run: Run, render: Rende
             print_json(result)
         else:
             render(result, settings)
+        if hint is not None and not settings.quiet:
+            err_console().print(hint(result), highlight=False, markup=False, soft_wrap=True)
     except Interrupted as e:
         err_console().print(f"[yellow]interrupted:[/] {e}", highlight=False)
         raise typer.Exit(130) from None

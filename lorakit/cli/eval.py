@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -36,6 +37,9 @@ from lorakit.settings import EvalSettings as S
 if TYPE_CHECKING:
     from lorakit.engine.eval import EvalResult
     from lorakit.engine.reporter import Reporter
+
+
+EXAMPLE = "lorakit eval -m M --data data/support --adapter-path runs/s --compare-base"
 
 
 def command(
@@ -79,7 +83,7 @@ def command(
     debug: DebugOpt = None,
 ) -> None:
     """Measure a model (and what an adapter changed) on a data split: loss, generations, judge verdicts."""
-    run_command("eval", ctx.params, _run, _render, _summary)
+    run_command("eval", ctx.params, _run, _render, _summary, _hint)
 
 
 def _run(settings: S, reporter: Reporter) -> EvalResult:
@@ -103,6 +107,14 @@ def _summary(result: EvalResult, reporter: Reporter) -> None:
     header = ("metric", *names, *(("change",) if result.change else ()))
     reporter.table(f"eval: {result.split} ({result.examples} examples)", rows, header)
     reporter.log(f"prompts: {result.rendering['description']}")
+
+
+def _hint(result: EvalResult) -> str:
+    """A run's report shows the evals inside it (eval-*); one written elsewhere is named too."""
+    paths = [p for p in ((result.adapter or {}).get("path"), result.out) if p is not None]
+    if len(paths) == 2 and Path(paths[0]).resolve() in Path(paths[1]).resolve().parents:
+        paths = paths[:1]
+    return f"see it: lorakit report {' '.join(shlex.quote(str(p)) for p in paths)}"
 
 
 def _render(result: EvalResult, settings: S) -> None:

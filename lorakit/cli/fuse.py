@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from lorakit.engine.reporter import Reporter
 
 
+EXAMPLE = "lorakit fuse -m M --adapter-path runs/s --out runs/fused"
+
+
 def command(
     ctx: typer.Context,
     model: ModelOpt = None,

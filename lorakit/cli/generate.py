@@ -41,6 +41,9 @@ if TYPE_CHECKING:
     from lorakit.engine.reporter import Reporter
 
 
+EXAMPLE = 'lorakit generate -m M --adapter-path runs/s --prompt "How do I pair it?"'
+
+
 def command(
     ctx: typer.Context,
     model: ModelOpt = None,

@@ -32,6 +32,8 @@ def opt(cls: type[Common | SeedOption | SamplingOptions | RenderingOptions], nam
     shown = "required" if field.is_required() else ("none" if default is None else str(default))
     decl = flag(name)
     if field.annotation in (bool, bool | None) and name not in PLAIN_FLAGS:  # None: "decide for me"
+        if isinstance(default, bool):  # the flag that is in effect by default, as click shows it
+            shown = decl if default else f"--no-{decl[2:]}"
         decl = f"{decl}/--no-{decl[2:]}"
     decls = (decl, SHORT[name]) if name in SHORT else (decl,)
     return typer.Option(*decls, help=field.description, **{"show_default": shown, **kwargs})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -14,6 +15,9 @@ from lorakit.settings import PrepareSettings as S
 if TYPE_CHECKING:
     from lorakit.engine.prepare import PrepareResult
     from lorakit.engine.reporter import Reporter
+
+
+EXAMPLE = "lorakit prepare sample_data/support.jsonl --out data/support"
 
 
 def command(
@@ -44,7 +48,7 @@ def command(
     debug: DebugOpt = None,
 ) -> None:
     """Validate, deduplicate and split raw JSONL/JSON records into mlx-lm train/valid/test.jsonl."""
-    run_command("prepare", ctx.params, _run, _render, _summary)
+    run_command("prepare", ctx.params, _run, _render, _summary, _hint)
 
 
 def _run(settings: S, reporter: Reporter) -> PrepareResult:
@@ -66,6 +70,10 @@ def _summary(result: PrepareResult, reporter: Reporter) -> None:
     if lengths:
         reporter.table("lengths", lengths, header=("unit", "min", "mean", "p50", "p95", "max"))
     reporter.log("formats: " + ", ".join(f"{k}={v}" for k, v in result.formats.items()))
+
+
+def _hint(result: PrepareResult) -> str:
+    return f"see the data: lorakit report {shlex.quote(str(result.out))}"
 
 
 def _render(result: PrepareResult, settings: S) -> None:

@@ -6,16 +6,9 @@ import sys
 from typing import Any
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import Progress, Task
 from rich.table import Table
+from rich.text import Text
 
 from lorakit.engine.reporter import Reporter
 
@@ -39,6 +32,71 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+# The progress line's fields, most important first: a line too wide for the terminal drops them from the end
+# (then the percentage and the elapsed time); the bar, step/total and the ETA always stay.
+FIELD_ORDER = ("loss", "val_loss", "epoch", "lr", "tok_s", "mem_gb")
+BAR_MIN, BAR_MAX = 10, 40
+
+
+def _values(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "-:--:--"
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _optional_parts(task: Task) -> list[tuple[int, str]]:
+    """(position in the line, text) of what the line may drop, most important first."""
+    values = task.fields.get("values") or {}
+    known = [k for k in FIELD_ORDER if k in values] + [k for k in values if k not in FIELD_ORDER]
+    parts = [(2 + FIELD_ORDER.index(k) if k in FIELD_ORDER else 50, f"{k}={_fmt(values[k])}") for k in known]
+    if task.total:
+        parts.append((1, f"{task.percentage:.0f}%"))
+        parts.append((90, _clock(task.elapsed)))
+    return parts
+
+
+def fit_line(task: Task, width: int) -> Text:
+    """The task's progress on one line of at most `width` - 1 columns: description, bar, step/total, the most
+    important fields that fit, and the ETA (the elapsed time when the total is unknown)."""
+    budget = width - 1  # the last column makes some terminals wrap
+    count = f"{int(task.completed)}/{int(task.total)}" if task.total else f"{int(task.completed)}"
+    clock = f"ETA {_clock(task.time_remaining)}" if task.total else _clock(task.elapsed)
+    desc = task.description
+    used = len(desc) + 1 + BAR_MIN + 1 + len(count) + 1 + len(clock)
+    if used > budget:
+        desc, used = "", used - len(desc) - 1
+    chosen = [(0, count), (99, clock)]
+    for position, text in _optional_parts(task):
+        if used + 1 + len(text) > budget:
+            break
+        chosen.append((position, text))
+        used += 1 + len(text)
+    bar = max(min(BAR_MAX, BAR_MIN + budget - used), 1)
+    done = min(int(bar * task.completed / task.total), bar) if task.total else 0
+    line = Text(no_wrap=True, overflow="ellipsis")
+    if desc:
+        line.append(desc + " ", style="bold")
+    line.append("\u2501" * done, style="bar.finished" if task.finished else "bar.complete")
+    line.append("\u2501" * (bar - done), style="bar.back")
+    line.append(" " + " ".join(text for _, text in sorted(chosen, key=lambda item: item[0])))
+    return line
+
+
+class FittedProgress(Progress):
+    """rich's Progress with one line per task that fits the console's width (fit_line)."""
+
+    def get_renderables(self) -> Any:
+        table = Table.grid()
+        for task in self.tasks:
+            table.add_row(fit_line(task, self.console.width))
+        yield table
+
+
 class RichReporter(Reporter):
     def __init__(self, quiet: bool = False) -> None:
         self.quiet = quiet
@@ -57,23 +115,15 @@ class RichReporter(Reporter):
         self.finish()
         if self.quiet:
             return
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=self.console, transient=False,
-        )
+        self.progress = FittedProgress(console=self.console, transient=False)
         self.progress.start()
-        self.task_id = self.progress.add_task(task, total=total, info=self._info(fields))
-
-    @staticmethod
-    def _info(fields: dict[str, Any]) -> str:
-        return "  ".join(f"{k}={_fmt(v)}" for k, v in fields.items() if v is not None)
+        self.task_id = self.progress.add_task(task, total=total, values=_values(fields))
 
     def advance(self, n: int = 1, **fields: Any) -> None:
         if self.progress is not None:
             update: dict[str, Any] = {"advance": n}
             if fields:
-                update["info"] = self._info(fields)
+                update["values"] = _values(fields)
             self.progress.update(self.task_id, **update)
 
     def finish(self) -> None:

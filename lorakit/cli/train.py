@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -27,6 +28,9 @@ from lorakit.settings import TrainSettings as S
 if TYPE_CHECKING:
     from lorakit.engine.reporter import Reporter
     from lorakit.engine.train import TrainResult
+
+
+EXAMPLE = "lorakit train -m M --data data/support --adapter-path runs/s --iters 300"
 
 
 def command(
@@ -80,13 +84,17 @@ def command(
     debug: DebugOpt = None,
 ) -> None:
     """Fine-tune --model on --data (train.jsonl, valid.jsonl) and write an mlx-lm adapter to --adapter-path."""
-    run_command("train", ctx.params, _run, _render)
+    run_command("train", ctx.params, _run, _render, hint=_hint)
 
 
 def _run(settings: S, reporter: Reporter) -> TrainResult:
     from lorakit.engine import train as engine
 
     return engine.run(settings, reporter)
+
+
+def _hint(result: TrainResult) -> str:
+    return f"see the run: lorakit report {shlex.quote(result.adapter_path)}"
 
 
 def _render(result: TrainResult, settings: S) -> None:

@@ -19,7 +19,7 @@ from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from lorakit.engine.export.gguf_export import GgufExport, check_exportable, export_gguf
-from lorakit.engine.export.hf_export import has_gguf_layout, hf_config, to_hf_rows
+from lorakit.engine.export.hf_export import has_gguf_layout, hf_config, make_tokenizer_portable, to_hf_rows
 from lorakit.engine.model.adapters import load_adapter, read_adapter_config, resolve_adapter_dir
 from lorakit.engine.model.loading import LoadedModel, load_model
 from lorakit.engine.reporter import Reporter
@@ -212,8 +212,10 @@ def _ship(out: Path, gguf_path: Path | None, loaded: LoadedModel, merged: _Merge
 
 
 def _copy_tokenizer(loaded: LoadedModel, directory: Path) -> None:
-    """Tokenizer files and the chat template, plus the base's generation config and SentencePiece model."""
+    """Tokenizer files and the chat template, plus the base's generation config and SentencePiece model;
+    tokenizer_config.json is written so that transformers 4.46+ and 5.x both load it."""
     loaded.tokenizer.save_pretrained(str(directory))
+    make_tokenizer_portable(directory)
     for name in ("generation_config.json", "tokenizer.model"):
         if (loaded.path / name).exists() and not (directory / name).exists():
             shutil.copy(loaded.path / name, directory / name)

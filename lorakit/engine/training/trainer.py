@@ -77,6 +77,8 @@ class Trainer:
     def train(self) -> TrainResult:
         """Train to the last step or an early stop; then write the adapter, loss curve and report.json."""
         self.model.train()
+        if self.resumed_from is not None and self.world.is_main:
+            self._write_curve()  # the resumed run's curve, before any new point
         self.reporter.start("train", total=self.batches.total_steps)
         self.reporter.advance(self.state.step)
         watchdog = dist.watchdog(self.world, self.settings.dist_timeout)
@@ -242,6 +244,8 @@ class Trainer:
         self.metrics.add(row)
         self.reporter.on_train_report(row)
         self.window = ReportWindow()
+        if self.world.is_main:
+            self._write_curve()
 
     def validate(self) -> float:
         """Validation loss now; updates the best (and best/), metrics.jsonl and the loss curve."""
@@ -302,8 +306,12 @@ class Trainer:
         """After Ctrl-C: save the last finished step unless it is saved already, and say how to resume."""
         self.reporter.finish()
         step = self.state.step
+        if not self.in_step and self.window.steps:
+            self.report()  # a row for the steps since the last one: metrics.jsonl and loss.svg end at `step`
         if not self.in_step and step and self.last_saved != step:
             self.save()
+        if self.world.is_main:
+            self._write_curve()
         if self.last_saved is None:
             where = f"inside step {step + 1} (abandoned)" if self.in_step else "before the first step"
             return Interrupted(f"stopped {where}; nothing was saved. Run the same command again to start "
@@ -357,4 +365,4 @@ class Trainer:
 
     def _write_curve(self) -> None:
         write_loss_curve(self.out / CURVE, self.metrics.train, self.metrics.val, self.state.best_step,
-                         f"{self.model_name}")
+                         self.model_name)
