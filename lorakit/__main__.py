@@ -1,3 +1,3 @@
-from lorakit.cli.app import main
+from lorakit.cli.entry import main
 
 main()

@@ -183,7 +183,7 @@ class TrainSettings(SeedOption, ModelOptions):
     data: Path = Field(description="Directory with train.jsonl and valid.jsonl (from `lorakit prepare`).")
     adapter_path: Path = Field(Path("adapters"), description="Where adapters, checkpoints and metrics go.")
     fine_tune_type: Literal["lora", "dora", "full"] = Field("lora", description="lora, dora or full.")
-    lora_rank: int = Field(8, gt=0, description="LoRA rank r.")
+    lora_rank: int = Field(8, gt=0, le=65536, description="LoRA rank r.")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch input.")
     num_layers: int = Field(-1, description="Adapt the last N transformer blocks (-1: all).")
@@ -198,7 +198,7 @@ class TrainSettings(SeedOption, ModelOptions):
     pack: bool = Field(False, description="Pack several examples per row (no cross-example attention).")
     batch_size: int = Field(4, gt=0, description="Examples (rows when packing) per step.")
     grad_accumulation_steps: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
-    iters: int | None = Field(None, gt=0, description="Optimizer steps to train (overrides --epochs).")
+    iters: int | None = Field(None, gt=0, le=10**12, description="Optimizer steps to train (overrides --epochs).")
     epochs: float | None = Field(
         None, gt=0, description="Epochs to train when --iters is not given (default 3)."
     )
@@ -226,7 +226,14 @@ class TrainSettings(SeedOption, ModelOptions):
     )
     steps_per_report: int = Field(10, gt=0, description="Log train loss every N steps.")
     steps_per_eval: int = Field(100, gt=0, description="Validate every N steps.")
-    val_batches: int = Field(25, description="Validation batches per eval (-1: the whole valid set).")
+    val_batches: int = Field(25, ge=-1, description="Validation batches per eval (-1: the whole valid set).")
+
+    @field_validator("val_batches")
+    @classmethod
+    def _check_val_batches(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("pass a positive number of batches, or -1 for the whole valid set")
+        return value
     save_every: int = Field(100, gt=0, description="Checkpoint every N steps.")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept besides best/.")
     early_stopping_patience: int | None = Field(

@@ -376,3 +376,38 @@ def test_eval_out_is_locked_and_never_an_input(tmp_path, tiny_model, adapter):
 def test_eval_labels_with_no_label_is_refused(tmp_path, tiny_model):
     refused(invoke("eval", "--model", tiny_model, "--data", tmp_path, "--labels", ","), "--labels",
             "no label in ','")
+
+
+@pytest.mark.parametrize("flags", [["--val-batches", "0"], ["--val-batches", "-2"],
+                                   ["--lora-rank", str(2**62)], ["--iters", str(2**63)]])
+def test_train_numbers_out_of_range_name_the_flag(tmp_path, flags):
+    refused(invoke("train", "--model", "m", "--data", tmp_path, *flags), flags[0])
+
+
+def test_eval_unknown_split_names_the_flag(tmp_path):
+    (tmp_path / "d").mkdir()
+    refused(invoke("eval", "--model", "m", "--data", tmp_path / "d", "--split", "bogus"), "--split",
+            "no bogus.jsonl")
+
+
+def test_checkpoint_file_that_is_not_safetensors_is_a_user_error(tmp_path):
+    import pickle
+
+    from lorakit.engine.model.checkpoint import _load_tensors
+
+    bad = tmp_path / "optimizer.safetensors"
+    bad.write_bytes(pickle.dumps({"payload": "x"}))
+    with pytest.raises(UserError, match=f"{bad}: not a readable safetensors file"):
+        _load_tensors(bad)
+
+
+def test_sigterm_while_importing_exits_130_without_traceback():
+    proc = subprocess.Popen([sys.executable, "-m", "lorakit", "train", "--help"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    import time
+
+    time.sleep(0.4)  # past interpreter start-up, still importing typer, rich and the commands
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode in (0, 130), err  # 0 only if it finished before the signal
+    assert "Traceback" not in err

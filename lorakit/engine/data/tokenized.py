@@ -97,7 +97,9 @@ def split_path(data_dir: Path, split: str) -> Path:
                         "(run `lorakit prepare` to make one)")
     path = data_dir / f"{split}.jsonl"
     if not path.exists():
-        raise UserError(f"--data {data_dir}: no {split}.jsonl in it (run `lorakit prepare` to make the splits)")
+        raise UserError(f"--data {data_dir}: no {split}.jsonl in it (--split takes train, valid or test; "
+                        "`lorakit prepare` makes the splits)" if split not in ("train", "valid") else
+                        f"--data {data_dir}: no {split}.jsonl in it (run `lorakit prepare` to make the splits)")
     return path
 
 

@@ -161,9 +161,17 @@ def _assign(tree: Any, dotted: str, value: mx.array) -> bool:
     return True
 
 
+def _load_tensors(path: Path) -> dict[str, mx.array]:
+    try:
+        return mx.load(str(path))
+    except (RuntimeError, ValueError, OSError) as e:  # not safetensors (a pickle, a cut file), whatever its checksum
+        raise UserError(f"{path}: not a readable safetensors file ({e}); resume from another checkpoint "
+                        "(--resume-from) or start over (--overwrite)") from None
+
+
 def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: optim.Optimizer) -> dict:
     """Restore adapter weights and optimizer state from `ckpt` in place; return its trainer state."""
-    weights = mx.load(str(Path(ckpt) / ADAPTER_FILE))
+    weights = _load_tensors(Path(ckpt) / ADAPTER_FILE)
     trainable = dict(tree_flatten(model.trainable_parameters()))
     if set(weights) != set(trainable):
         raise UserError(f"--resume-from {ckpt}: its adapter does not match this run's settings "
@@ -171,7 +179,7 @@ def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: optim.Optimizer) ->
     model.load_weights(list(weights.items()), strict=False)
     # Fill the optimizer's freshly initialised state in place: the compiled step holds that dict.
     optimizer.init(model.trainable_parameters())
-    for key, value in mx.load(str(Path(ckpt) / "optimizer.safetensors")).items():
+    for key, value in _load_tensors(Path(ckpt) / "optimizer.safetensors").items():
         if not _assign(optimizer.state, key, value):
             raise UserError(f"--resume-from {ckpt}: optimizer state '{key}' does not fit this run "
                             "(a different --optimizer?)")
