@@ -77,6 +77,8 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
                 raise UserError(f"{path}:{lineno}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+            except RecursionError:
+                raise UserError(f"{path}:{lineno}: JSON nested too deeply to read") from None
             if not isinstance(obj, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             yield lineno, obj

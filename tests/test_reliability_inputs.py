@@ -418,3 +418,16 @@ def test_interrupt_while_the_cli_imports_exits_130_without_traceback(monkeypatch
         entry.main()
     assert exit_info.value.code == 130
     assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_messages_with_brackets_are_printed_as_written(tmp_path):
+    (tmp_path / "odd[").mkdir()
+    bad = tmp_path / "odd[" / "]data[bold]x.jsonl"  # with the directory: '[/]data[bold]' in the path
+    bad.write_text('{"prompt": "a", "completion": " "}\n')
+    refused(invoke("prepare", bad, "--out", tmp_path / "out"), f"{bad}:1")
+
+
+def test_json_nested_too_deeply_names_file_and_line(tmp_path):
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"text": "ok"}\n' + "[" * 100000 + "]" * 100000 + "\n")
+    refused(invoke("prepare", deep, "--out", tmp_path / "out"), f"{deep}:2", "nested too deeply")

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import typer
+from rich.markup import escape
 
 from lorakit.errors import Interrupted, LorakitError
 from lorakit.settings import Common, flag, load_settings
@@ -108,7 +109,7 @@ def run_command(command: str, params: Mapping[str, Any], run: Run, render: Rende
         if hint is not None and not settings.quiet:
             err_console().print(hint(result), highlight=False, markup=False, soft_wrap=True)
     except Interrupted as e:
-        err_console().print(f"[yellow]interrupted:[/] {e}", highlight=False)
+        err_console().print(f"[yellow]interrupted:[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(130) from None
     except KeyboardInterrupt:
         err_console().print("[yellow]interrupted[/]")
@@ -116,14 +117,16 @@ def run_command(command: str, params: Mapping[str, Any], run: Run, render: Rende
     except LorakitError as e:
         if debug:
             traceback.print_exc()
-        err_console().print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+        # messages quote file names and data ('odd[/]name.jsonl'): never rich markup
+        err_console().print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, markup=True, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
     except typer.Exit:
         raise
     except Exception as e:  # noqa: BLE001 - a bug or an environment failure: exit 1, traceback only with --debug
         if debug:
             traceback.print_exc()
-        err_console().print(f"[bold red]error:[/] {type(e).__name__}: {e}", highlight=False, soft_wrap=True)
+        err_console().print(f"[bold red]error:[/] {type(e).__name__}: {escape(str(e))}", highlight=False,
+                            soft_wrap=True)
         if not debug:
             err_console().print("(rerun with --debug for the traceback)")
         raise typer.Exit(1) from None

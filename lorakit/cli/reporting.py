@@ -6,6 +6,7 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress, Task
 from rich.table import Table
 from rich.text import Text
@@ -106,10 +107,10 @@ class RichReporter(Reporter):
 
     def log(self, message: str) -> None:
         if not self.quiet:
-            self.console.print(message, highlight=False)
+            self.console.print(message, highlight=False, markup=False)  # file names may hold [brackets]
 
     def warn(self, message: str) -> None:
-        self.console.print(f"[yellow]warning:[/] {message}", highlight=False)
+        self.console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
 
     def start(self, task: str, total: int | None = None, **fields: Any) -> None:
         self.finish()

@@ -228,6 +228,9 @@ def _records(path: Path) -> Iterator[tuple[int, dict | None, str | None, str | N
             except json.JSONDecodeError as e:
                 yield line, None, f"invalid JSON ({e.msg}, column {e.colno})", text, len(data)
                 continue
+            except RecursionError:
+                yield line, None, "JSON nested too deeply to read", text[:200], len(data)
+                continue
             if not isinstance(record, dict):
                 yield line, None, f"expected a JSON object, got {type(record).__name__}", text, len(data)
                 continue

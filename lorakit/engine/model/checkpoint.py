@@ -173,7 +173,7 @@ def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: optim.Optimizer) ->
     """Restore adapter weights and optimizer state from `ckpt` in place; return its trainer state."""
     weights = _load_tensors(Path(ckpt) / ADAPTER_FILE)
     trainable = dict(tree_flatten(model.trainable_parameters()))
-    if set(weights) != set(trainable):
+    if set(weights) != set(trainable) or any(weights[k].shape != trainable[k].shape for k in weights):
         raise UserError(f"--resume-from {ckpt}: its adapter does not match this run's settings "
                         f"(different --fine-tune-type, --lora-rank, --num-layers or --target-modules?)")
     model.load_weights(list(weights.items()), strict=False)
