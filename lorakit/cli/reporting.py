@@ -155,7 +155,8 @@ class RichReporter(Reporter):
 
     def on_eval(self, info: dict[str, Any]) -> None:
         line = "  ".join(f"{k}={_fmt(v)}" for k, v in info.items() if v is not None)
-        self.log(f"[cyan]eval[/] {line}")
+        if not self.quiet:
+            self.console.print(f"[cyan]eval[/] {escape(line)}", highlight=False)
 
     def on_save(self, path: str, step: int) -> None:
         self.log(f"saved {path}" + (f" (step {step})" if step else ""))
