@@ -341,8 +341,8 @@ class Live:
         with self.cond:
             while True:
                 for _, line in self.lines[seen:]:
-                    m = re.match(r"iteration=(\d+)\b", line)
-                    if m and int(m.group(1)) >= target:
+                    m = re.search(r"\biteration=(\d+)\b", line)
+                    if m and "val_loss" not in line and int(m.group(1)) >= target:  # a train step's line
                         return line
                 seen = len(self.lines)
                 left = deadline - time.monotonic()
@@ -1766,18 +1766,19 @@ def train_interrupt(ctx: Ctx, fx: Fixtures, sig: signal.Signals, moment: str, *,
     if any(r.rc != 0 for r in setup_runs):
         return result("interrupt", label, setup_runs, False, "harness: setup run failed")
     live = Live(ctx, flags, ws)
+    seen: str | None = ""
     if moment == "load":
         time.sleep(ctx.uniform(0.3, 3.0))
     elif moment == "first step":
-        live.wait_line(r"eval iteration=0\b")
+        seen = live.wait_line(r"\biteration=0\b.*val_loss")  # the first validation is done: step 1 starts
     elif moment == "eval":
-        live.wait_step(5)
+        seen = live.wait_step(5)  # step 5's report line: its validation over 420 examples follows
     elif moment == "mid-run":
-        live.wait_step(ctx.randint(8, 25))
+        seen = live.wait_step(ctx.randint(8, 25))
         time.sleep(ctx.uniform(0, 0.03))
     elif moment == "checkpoint save":
-        live.wait_step(ctx.randint(3, 20))
-    sent = live.send(sig)
+        seen = live.wait_step(ctx.randint(3, 20))  # the report line comes right before the save
+    sent = live.send(sig) if seen is not None else False
     if double and sent:
         time.sleep(0.05)
         live.send(sig)
@@ -1786,7 +1787,7 @@ def train_interrupt(ctx: Ctx, fx: Fixtures, sig: signal.Signals, moment: str, *,
                 rc is None)
     problems = []
     if not sent:
-        problems.append(f"harness: the run ended (exit {rc}) before the signal")
+        problems.append(f"harness: the run ended (exit {rc}) before the signal (its moment was never seen)")
     if rc is None:
         problems.append("did not stop within 120 s of the signal")
     elif sig == signal.SIGKILL:
@@ -1991,9 +1992,12 @@ def resume_config(ctx: Ctx, fx: Fixtures, title: str, extra: list[str], plan: li
         problems: list[str] = []
         sent_info = []
         argv = [*base, "--adapter-path", ad]
+        save_every = int(extra[extra.index("--save-every") + 1]) if "--save-every" in extra else 1
         for i, sig in enumerate(signals):
             live = Live(ctx, argv, ws)
             lo = 2 if i == 0 else 3
+            if sig == signal.SIGKILL:  # kill -9 saves nothing: leave a checkpoint to resume from
+                lo = max(lo, save_every + 1)
             target = ctx.randint(lo, max(lo + 1, int(total * 0.8)))
             got = live.wait_step(target)
             time.sleep(ctx.uniform(0, 0.02))
@@ -2010,6 +2014,9 @@ def resume_config(ctx: Ctx, fx: Fixtures, title: str, extra: list[str], plan: li
             argv = [*base, "--adapter-path", ad, "--resume"]
         final = ctx.cli([*argv, "-q"], ws)
         runs.append(final)
+        if final.rc == 2 and "--overwrite" in final.err and "checkpoint" in final.err:  # nothing was saved
+            final = ctx.cli([*base, "--adapter-path", ad, "--overwrite", "-q"], ws)
+            runs.append(final)
         if final.rc != 0:
             problems.append(f"resume exit {final.rc}")
         elif sha256(ad / "adapters.safetensors") != ref_sha:
