@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Issue 19's robustness corpus: lorakit tried as a hostile-but-fair user would, through the real CLI.
 
-    python3 benchmarks/robustness.py                 # the full corpus (~8 minutes on 2 busy cores)
-    python3 benchmarks/robustness.py --quick         # a subset (~1 minute)
+    python3 benchmarks/robustness.py                 # the full corpus: 419 cases, ~13 minutes on 2 shared cores
+    python3 benchmarks/robustness.py --quick         # ~30 of them (1-2 minutes)
     python3 benchmarks/robustness.py --only attack --jobs 3 --out /tmp/r.json
 
 It builds a tiny model (lorakit.testing.tiny_model_dir), random adapters, prepared data and a trained
@@ -389,9 +389,10 @@ class Live:
 
 def result(category: str, name: str, commands: list[Ran], handled: bool, reason: str, **extra: Any) -> dict:
     short = lambda a: a if len(a) <= 300 else f"{a[:60]}...({len(a)} chars)"
+    keep = 300 if handled else 1500  # what each command said, so a reader can judge the messages too
     rec = {"category": category, "name": name, "handled": bool(handled), "reason": reason,
-           "commands": [{"argv": [short(a) for a in r.argv], "rc": r.rc, "elapsed_s": r.elapsed, "timed_out": r.timed_out}
-                        for r in commands]}
+           "commands": [{"argv": [short(a) for a in r.argv], "rc": r.rc, "elapsed_s": r.elapsed,
+                         "timed_out": r.timed_out, "stderr_tail": tail(r.err.strip(), keep)} for r in commands]}
     rec["rc"] = commands[-1].rc if commands else None
     if not handled and commands:
         rec["stderr_tail"] = tail(commands[-1].err)
@@ -2193,7 +2194,7 @@ def select_quick(cases: list[Any], every: int) -> list[Any]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="a subset (~1 minute)")
+    ap.add_argument("--quick", action="store_true", help="~30 cases (1-2 minutes)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON with every case (default: %(default)s)")
     ap.add_argument("--jobs", type=int, default=2, help="commands run at once (default: 2)")
     ap.add_argument("--only", nargs="*", choices=list(CATEGORIES), help="run only these categories")

@@ -103,7 +103,8 @@ def _check_settings(settings: Any) -> str | list[_Record]:
         if settings.output.is_dir():
             raise UserError(f"--output {settings.output}: is a directory; give a file name such as "
                             f"{settings.output / 'answers.jsonl'}")
-        check_output_location(settings.output, "--output", [("--input", settings.input)])
+        check_output_location(settings.output, "--output", [("--input", settings.input), ("--model", settings.model),
+                                                          ("--adapter-path", settings.adapter_path)])
         if settings.output.exists() and not settings.overwrite:
             raise UserError(f"--output {settings.output}: file exists; pass --overwrite to replace it")
     if settings.input is not None:
