@@ -117,7 +117,8 @@ class ModelOptions(Common):
 class PrepareSettings(SeedOption, Common):
     inputs: CommaList = Field(description="Raw JSONL / JSON files to read.")
     out: Path = Field(description="Output directory for train/valid/test.jsonl.")
-    input_format: Literal["auto", "chat", "sharegpt", "completions", "alpaca", "text", "judge"] = Field(
+    input_format: Literal["auto", "chat", "sharegpt", "completions", "alpaca", "text", "judge",
+                          "preference"] = Field(
         "auto", description="Record format; auto detects it per record."
     )
     format: Literal["messages", "text"] = Field(
@@ -194,6 +195,11 @@ class TrainSettings(SeedOption, ModelOptions):
         "auto",
         description="Tokens that carry loss (auto: assistant for chats, completions for prompt/completion).",
     )
+    objective: Literal["sft", "dpo", "orpo"] | None = Field(
+        None, description="sft, dpo or orpo (default: dpo for preference pairs, else sft)."
+    )
+    beta: float = Field(0.1, gt=0, description="DPO: strength of the pull to the base; ORPO: odds-ratio weight.")
+    dpo_loss: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description="DPO loss: sigmoid, ipo, hinge.")
     max_seq_length: int = Field(2048, gt=1, description="Truncate examples to this many tokens.")
     pack: bool = Field(False, description="Pack several examples per row (no cross-example attention).")
     batch_size: int = Field(4, gt=0, description="Examples (rows when packing) per step.")

@@ -100,7 +100,7 @@ def _summary(result: EvalResult, reporter: Reporter) -> None:
     flat = {n: headline(result.results[n]) for n in names}
     rows = []
     for key in flat[names[-1]]:
-        row = [key, *[f"{flat[n][key]:.4f}" for n in names]]
+        row = [key, *[f"{flat[n][key]:.4f}" if key in flat[n] else "-" for n in names]]
         if key in result.change:
             row.append(f"{result.change[key]:+.4f}")
         rows.append(tuple(row))

@@ -35,7 +35,7 @@ def _fmt(value: Any) -> str:
 
 # The progress line's fields, most important first: a line too wide for the terminal drops them from the end
 # (then the percentage and the elapsed time); the bar, step/total and the ETA always stay.
-FIELD_ORDER = ("loss", "val_loss", "epoch", "lr", "tok_s", "mem_gb")
+FIELD_ORDER = ("loss", "val_loss", "acc", "epoch", "lr", "tok_s", "mem_gb")  # acc: DPO/ORPO reward accuracy
 BAR_MIN, BAR_MAX = 10, 40
 
 
@@ -146,7 +146,8 @@ class RichReporter(Reporter):
         self.console.print(t)
 
     def on_train_report(self, info: dict[str, Any]) -> None:
-        keys = ("iteration", "epoch", "train_loss", "learning_rate", "tokens_per_second", "peak_memory")
+        keys = ("iteration", "epoch", "train_loss", "reward_accuracy", "reward_margin", "learning_rate",
+                "tokens_per_second", "peak_memory")
         line = "  ".join(f"{k}={_fmt(info[k])}" for k in keys if info.get(k) is not None)
         if self.progress is not None:
             self.progress.console.print(line, highlight=False) if not self.quiet else None

@@ -6,6 +6,9 @@ For each evaluated model ("base" and/or "adapter"):
   generation  (--generate) the prompt (everything before the last assistant turn; a prompt/completion
               record's prompt; a text record up to --prompt-delimiter) is completed and scored against the
               rest: exact match, contains, token F1, and labels (--label-pattern / --labels)
+  preference  (a split of prompt/chosen/rejected pairs) how often the model prefers the chosen reply, and
+              with --compare-base the adapter's DPO reward accuracy against the base
+              (lorakit.engine.scoring.preference); `loss` is then the loss on the chosen replies
   judge       (--judge) every judge record asked as given and with answers A and B swapped: verdict
               accuracy, position consistency, agreement and A/B/tie bias (see lorakit.engine.scoring.metrics)
 
@@ -65,6 +68,7 @@ from lorakit.engine.model.losses import loss_head, token_losses
 from lorakit.engine.reporter import Reporter
 from lorakit.engine.scoring import metrics
 from lorakit.engine.scoring.judge import JudgeItem, JudgePrompt, judge_item
+from lorakit.engine.scoring.preference import preference_metrics
 from lorakit.errors import UserError
 from lorakit.io import (
     check_output_location,
@@ -272,9 +276,11 @@ def loss_examples(settings: EvalSettings, loaded: LoadedModel, records: list[Rec
         raise UserError(f"{split.path}: {split.dropped} examples have no loss-bearing token within "
                         f"--max-seq-length {settings.max_seq_length} (--train-on {split.train_on}); raise "
                         "--max-seq-length so every example can be scored")
-    if len(split.examples) != n_rows:
-        raise UserError(f"{split.path}: read {n_rows} records but tokenised {len(split.examples)}; "
+    if split.records != n_rows:
+        raise UserError(f"{split.path}: read {n_rows} records but tokenised {split.records}; "
                         "is the file being rewritten?")
+    if split.format == "preference":  # each record's chosen and rejected reply
+        return [split.examples[2 * r.index + k] for r in records for k in (0, 1)]
     return [split.examples[r.index] for r in records]
 
 
@@ -374,14 +380,20 @@ def judge_results(items: list[JudgeItem], original: list[str], swapped: list[str
 
 def evaluate(name: str, loaded: LoadedModel, settings: EvalSettings, records: list[Record],
              examples: list[TokenizedExample], template: JudgePrompt | None, reporter: Reporter,
-             timings: dict[str, float]) -> tuple[dict, list[dict]]:
+             timings: dict[str, float], reference: np.ndarray | None = None) -> tuple[dict, list[dict]]:
     """All requested metrics for the model as it stands now; returns (metrics, prediction rows). The prompts
-    are the records' prompt_tokens / judge_tokens (tokenize_prompts)."""
+    are the records' prompt_tokens / judge_tokens (tokenize_prompts). Preference pairs (two examples per
+    record) get preference metrics, with DPO rewards against `reference` (the base's log-probs) if given."""
     rows: list[dict[str, Any]] = [{"model": name, "index": r.index, "line": r.line} for r in records]
     result: dict[str, Any] = {}
 
     t0 = time.perf_counter()
     sums, counts = example_losses(loaded.model, examples, settings, reporter, name)
+    if len(examples) == 2 * len(records):
+        result["preference"] = preference_metrics(-sums, counts, reference)
+        for row, c_logp, r_logp in zip(rows, -sums[0::2], -sums[1::2]):
+            row.update(chosen_logp=float(c_logp), rejected_logp=float(r_logp), correct=bool(c_logp > r_logp))
+        sums, counts = sums[0::2], counts[0::2]
     result["loss"] = loss_metrics(sums, counts)
     for row, s, c in zip(rows, sums, counts):
         row.update(loss=float(s / c) if c else None, loss_tokens=int(c))
@@ -419,6 +431,7 @@ def evaluate(name: str, loaded: LoadedModel, settings: EvalSettings, records: li
 
 HEADLINE = {
     "loss": ("loss", "perplexity"),
+    "preference": ("accuracy", "mean_accuracy", "reward_accuracy", "margin"),
     "generation": ("exact_match", "contains", "f1", "label_accuracy"),
     "judge": ("accuracy", "swapped_accuracy", "consistency", "agreement", "position_bias"),
 }
@@ -465,14 +478,17 @@ def _evaluate_and_write(settings: EvalSettings, path: Path, out: Path, start: fl
     timings: dict[str, float] = {}
     results: dict[str, dict[str, Any]] = {}
     predictions: list[dict[str, Any]] = []
+    reference = None
     if settings.adapter_path is None or settings.compare_base:
         with base_model(loaded.model):
             results["base"], rows = evaluate("base", loaded, settings, records, examples, template, reporter,
                                               timings)
         predictions += rows
+        if "preference" in results["base"]:
+            reference = np.array([[r["chosen_logp"], r["rejected_logp"]] for r in rows]).reshape(-1)
     if settings.adapter_path is not None:
         results["adapter"], rows = evaluate("adapter", loaded, settings, records, examples, template,
-                                                 reporter, timings)
+                                                 reporter, timings, reference)
         predictions += rows
 
     change = {}

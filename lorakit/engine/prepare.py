@@ -64,6 +64,7 @@ class Item:
     label: str | None = None
     tokens: int | None = None
     rendered: str | None = None
+    rejected_tokens: int | None = None  # a preference pair's: `tokens` counts the chosen conversation
 
 
 @dataclass
@@ -149,7 +150,9 @@ def _prepare(settings: PrepareSettings, reporter: Reporter) -> PrepareResult:
     return PrepareResult(
         out=str(out), counts={**{n: len(m) for n, m in splits.items()}, "rejected": len(problems)},
         records_read=read, formats=manifest["formats"], labels=manifest["labels"],
-        lengths=manifest["lengths"], manifest=str(out / "manifest.json"),
+        lengths={**manifest["lengths"],  # and a preference set's chosen_* / rejected_* lengths
+                 **{k: v for k, v in (manifest["preference"] or {}).items() if isinstance(v, dict)}},
+        manifest=str(out / "manifest.json"),
     )
 
 
@@ -287,6 +290,9 @@ def _item(name: str, line: int, record: dict[str, Any], settings: PrepareSetting
     chars = len(example.text) if example.messages is None else sum(len(m.get("content") or "")
                                                                    for m in example.messages)
     key, prompt_key = _keys(example)
+    if example.rejected is not None:  # a pair is its prompt, chosen and rejected reply
+        key = hashlib.blake2b(key + " ".join(example.rejected.split()).encode(), digest_size=16).digest()
+        chars = max(chars, chars - len(example.messages[-1]["content"]) + len(example.rejected))
     if settings.max_chars and chars > settings.max_chars:
         raise RecordError(f"too long: {chars} characters (--max-chars {settings.max_chars})")
     label = None
@@ -409,10 +415,12 @@ def _render_and_count(items: list[Item], problems: list[Problem], settings: Prep
     for start in range(0, len(live), TOKEN_BATCH):
         batch = live[start:start + TOKEN_BATCH]
         ids = tok.tokenizer([it.rendered for it in batch], add_special_tokens=False)["input_ids"]
+        _count_rejected(batch, tok)
         for item, row in zip(batch, ids, strict=True):
             item.tokens = len(row)
-            if settings.max_tokens and item.tokens > settings.max_tokens:
-                problems.append(Problem(item.file, item.line, f"too long: {item.tokens} tokens "
+            longest = max(item.tokens, item.rejected_tokens or 0)
+            if settings.max_tokens and longest > settings.max_tokens:
+                problems.append(Problem(item.file, item.line, f"too long: {longest} tokens "
                                         f"(--max-tokens {settings.max_tokens})", "invalid",
                                         record=_record_of(item.example)))
                 item.example = None
@@ -420,11 +428,43 @@ def _render_and_count(items: list[Item], problems: list[Problem], settings: Prep
     reporter.finish()
 
 
+def _count_rejected(batch: list[Item], tok: Tokenization) -> None:
+    """Tokens of each preference pair's rejected conversation (the longer of the two must fit)."""
+    pairs = [it for it in batch if it.example.rejected is not None]
+    if not pairs:
+        return
+    texts = [render(_rejected_messages(it.example), tok.template, tools=it.example.tools, **tok.special)
+             if tok.template is not None else "\n".join(m["content"] for m in _rejected_messages(it.example))
+             for it in pairs]
+    for item, row in zip(pairs, tok.tokenizer(texts, add_special_tokens=False)["input_ids"], strict=True):
+        item.rejected_tokens = len(row)
+
+
+def _rejected_messages(example: NormalizedRecord) -> list[dict[str, Any]]:
+    return [*example.messages[:-1], {"role": "assistant", "content": example.rejected}]
+
+
 def _record_of(example: NormalizedRecord) -> dict[str, Any]:
+    if example.rejected is not None:
+        return _preference_row(example)
     return {"text": example.text} if example.messages is None else {"messages": example.messages}
 
 
+def _preference_row(example: NormalizedRecord) -> dict[str, Any]:
+    """TRL's conversational preference format: prompt turns, then the chosen and the rejected reply."""
+    return {"prompt": example.messages[:-1], "chosen": [example.messages[-1]],
+            "rejected": [{"role": "assistant", "content": example.rejected}]}
+
+
 def _check_one_kind(items: list[Item], settings: PrepareSettings) -> None:
+    pair = next((it for it in items if it.example.rejected is not None), None)
+    other = next((it for it in items if it.example.rejected is None), None)
+    if pair and settings.format == "text":
+        raise UserError(f"{pair.file}:{pair.line}: a preference pair (chosen/rejected) cannot be rendered as "
+                        "one text; drop --format text")
+    if pair and other:
+        raise UserError(f"the inputs mix preference pairs ({pair.file}:{pair.line}) with other records "
+                        f"({other.file}:{other.line}); prepare them separately")
     if settings.format == "text":
         return
     text = next((it for it in items if it.example.messages is None), None)
@@ -483,6 +523,8 @@ def _apply_policy(problems: list[Problem], read: int, settings: PrepareSettings,
 def _row(item: Item, settings: PrepareSettings) -> dict[str, Any]:
     ex = item.example
     row: dict[str, Any]
+    if ex.rejected is not None:
+        return _preference_row(ex)
     if settings.format == "text":
         row = {"text": item.rendered}
     elif ex.messages is None:
@@ -508,6 +550,23 @@ def _stats(values: list[int]) -> dict[str, float] | None:
             "max": values[-1]}
 
 
+def _preference_stats(kept: list[Item]) -> dict[str, Any] | None:
+    """Lengths of the chosen and the rejected replies (characters, and tokens of the whole conversation),
+    so a set whose chosen answers are simply longer shows it."""
+    pairs = [it for it in kept if it.example.rejected is not None]
+    if not pairs:
+        return None
+    counted = [it for it in pairs if it.rejected_tokens is not None]
+    return {
+        "chosen_chars": _stats([len(it.example.messages[-1]["content"]) for it in pairs]),
+        "rejected_chars": _stats([len(it.example.rejected) for it in pairs]),
+        "chosen_longer": round(sum(len(it.example.messages[-1]["content"]) > len(it.example.rejected)
+                                   for it in pairs) / len(pairs), 4),
+        "chosen_tokens": _stats([it.tokens for it in counted]) if counted else None,
+        "rejected_tokens": _stats([it.rejected_tokens for it in counted]) if counted else None,
+    }
+
+
 def _manifest(settings: PrepareSettings, inputs: list[dict[str, Any]], splits: dict[str, list[Item]],
               problems: list[Problem], read: int, tok: Tokenization) -> dict[str, Any]:
     kept = [it for members in splits.values() for it in members]
@@ -525,6 +584,7 @@ def _manifest(settings: PrepareSettings, inputs: list[dict[str, Any]], splits: d
         "labels": {n: dict(sorted(Counter(str(it.label) for it in m).items())) for n, m in splits.items()}
         if labelled else None,
         "lengths": {"chars": _stats([it.chars for it in kept]), "tokens": _stats(tokens) if tokens else None},
+        "preference": _preference_stats(kept),
         "template": tok.template_name,
         "tokenizer": settings.model or settings.tokenizer,
         "settings": settings_dict(settings),

@@ -13,10 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 from mlx import nn
 from mlx.utils import tree_flatten
 
-from lorakit.engine.data.batching import BatchPlan
+from lorakit.engine.data.batching import BatchPlan, PairPlan
 from lorakit.engine.data.tokenized import Split, load_split, rendering_of, split_path
 from lorakit.engine.model import checkpoint as ckpt
 from lorakit.engine.model import distributed as dist
@@ -26,6 +27,7 @@ from lorakit.engine.model.losses import loss_head
 from lorakit.engine.model.qlora import helps_here, use_dequantized_matmuls
 from lorakit.engine.reporter import Reporter
 from lorakit.engine.training.lean import use_lean_swiglu
+from lorakit.engine.training.objective import Objective, objective_for, reference_logps
 from lorakit.engine.training.optimizer import make_optimizer
 from lorakit.engine.training.output import RunOutput, remove_leftovers
 from lorakit.engine.training.result import CURVE, METRICS, REPORT, SETTINGS_FILE, RunSizes, TrainResult
@@ -84,8 +86,10 @@ def _run(settings: TrainSettings, reporter: Reporter, world: dist.World, wall_st
     loaded = load_model(settings, reporter)
     head = loss_head(loaded.model)
     train_set, valid_set = _load_splits(settings, loaded, reporter)
+    objective = objective_for(settings, train_set, valid_set, head, reporter)
+    references = _references(objective, settings, loaded, head, train_set, valid_set, reporter)
     lora_parameters, adapter_cfg = _add_adapters(settings, loaded, train_set)
-    batches = _plan_batches(settings, train_set, valid_set, world, reporter)
+    batches = _plan_batches(settings, train_set, valid_set, world, reporter, references)
     optimizer = make_optimizer(settings, batches.total_steps)
     optimizer.init(loaded.model.trainable_parameters())
     state = TrainState(train_data_sha256=sha256_file(train_set.path), seed=settings.seed,
@@ -100,7 +104,7 @@ def _run(settings: TrainSettings, reporter: Reporter, world: dist.World, wall_st
         _show_start(settings, loaded, lora_parameters, train_set, valid_set, batches, sizes, reporter)
         trainer = Trainer(settings, reporter, world=world, loaded=loaded, head=head, adapter_cfg=adapter_cfg,
                           optimizer=optimizer, batches=batches, state=state, sizes=sizes,
-                          resumed_from=resume_ckpt, wall_start=wall_start, output=output)
+                          resumed_from=resume_ckpt, wall_start=wall_start, output=output, objective=objective)
         return trainer.train()
 
 
@@ -172,18 +176,38 @@ def _add_adapters(settings: TrainSettings, loaded: LoadedModel, train_set: Split
     return lora_parameters, adapter_cfg
 
 
-def _plan_batches(settings: TrainSettings, train_set: Split, valid_set: Split | None, world: dist.World,
-                  reporter: Reporter) -> Batches:
-    """This rank's share of the train batches, the validation batches, and how many steps to take."""
-    plan = BatchPlan(train_set.examples, settings.batch_size, settings.max_seq_length, pack=settings.pack,
+def _references(objective: Objective, settings: TrainSettings, loaded: LoadedModel, head: str | None,
+                train_set: Split, valid_set: Split | None, reporter: Reporter) -> tuple:
+    """DPO's reference log-probabilities of the train and valid examples, from the model before its adapters
+    are added (the base: LoRA, DoRA, QLoRA or full alike); (None, None) when the objective needs none."""
+    if not objective.needs_reference:
+        return None, None
+
+    def logps(split: Split | None) -> np.ndarray | None:
+        return None if split is None else reference_logps(loaded.model, split.examples, head, settings.batch_size,
+                                                          settings.max_seq_length, reporter, split.path.stem)
+
+    return logps(train_set), logps(valid_set)
+
+
+def _plan(settings: TrainSettings, split: Split, reference: np.ndarray | None) -> BatchPlan:
+    if split.format == "preference":
+        return PairPlan(split.examples, settings.batch_size, settings.max_seq_length, seed=settings.seed,
+                        reference=reference)
+    return BatchPlan(split.examples, settings.batch_size, settings.max_seq_length, pack=settings.pack,
                      seed=settings.seed)
+
+
+def _plan_batches(settings: TrainSettings, train_set: Split, valid_set: Split | None, world: dist.World,
+                  reporter: Reporter, references: tuple = (None, None)) -> Batches:
+    """This rank's share of the train batches, the validation batches, and how many steps to take."""
+    plan = _plan(settings, train_set, references[0])
     dist.shard_plan(plan, world, reporter, "train")
     steps_per_epoch = len(plan) / settings.grad_accumulation_steps
     total_steps = settings.iters or max(1, math.ceil((settings.epochs or 3.0) * steps_per_epoch))
     val_batches = []
     if valid_set is not None:
-        val_plan = BatchPlan(valid_set.examples, settings.batch_size, settings.max_seq_length,
-                             pack=settings.pack, seed=settings.seed)
+        val_plan = _plan(settings, valid_set, references[1])
         dist.shard_plan(val_plan, world, reporter, "valid")
         order = val_plan.order(0)
         if settings.val_batches >= 0:
@@ -252,10 +276,11 @@ def _show_start(settings: TrainSettings, loaded: LoadedModel, lora_parameters: d
          f"{s.fine_tune_type} rank {s.lora_rank}, alpha {s.lora_alpha:g}, scale {s.lora_scale:g}, "
          f"{len(lora_parameters.get('keys', []))} module kinds"),
         ("trainable", f"{trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)"),
-        ("train data", (f"{len(train_set.examples)} examples ({train_set.format}, --train-on "
+        ("objective", s.objective or ("dpo" if train_set.format == "preference" else "sft")),
+        ("train data", (f"{train_set.records} {train_set.unit} ({train_set.format}, --train-on "
                         f"{train_set.train_on}), {train_set.tokens:,} tokens, "
                         f"{train_set.loss_tokens:,} trained")),
-        ("valid data", f"{len(valid_set.examples)} examples, {len(batches.val)} batches per eval"
+        ("valid data", f"{valid_set.records} {valid_set.unit}, {len(batches.val)} batches per eval"
          if valid_set else "none"),
         ("batches", (f"{s.batch_size} x {s.grad_accumulation_steps} accumulation = "
                      f"{s.batch_size * s.grad_accumulation_steps} effective"

@@ -47,6 +47,7 @@ class Batch:
     positions: np.ndarray | None  # (K,) int32: flat loss positions, padded with weight-0 entries
     examples: int
     n_positions: int = 0  # real entries at the front of positions
+    reference: np.ndarray | None = None  # (B,) float32: each row's reference log-prob (preference training)
 
     @property
     def loss_tokens(self) -> int:
@@ -65,6 +66,8 @@ class Batch:
             out["weights"] = mx.array(self.weights)
         if self.segments is not None:
             out["segments"] = mx.array(self.segments)
+        if self.reference is not None:
+            out["reference"] = mx.array(self.reference)
         return out
 
 
@@ -139,7 +142,10 @@ class BatchPlan:
             epoch, index = epoch + 1, 0
 
     def build(self, b: int) -> Batch:
-        rows = self.batches[b]
+        return self.build_rows(self.batches[b])
+
+    def build_rows(self, rows: list[list[int]]) -> Batch:
+        """A padded batch of these rows (each a list of example numbers packed into one row)."""
         seqs = [[self.examples[i] for i in row] for row in rows]
         longest = max(sum(e.length for e in row) for row in seqs)
         width = min(bucket(longest - 1), self.max_seq_length) + 1
@@ -165,4 +171,37 @@ class BatchPlan:
                 batch.positions = np.concatenate([flat, np.zeros(k - len(flat), np.int32)])
                 batch.n_positions = len(flat)
                 break
+        return batch
+
+
+class PairPlan(BatchPlan):
+    """A preference split's plan: its examples come as (chosen, rejected) pairs, 2i and 2i + 1.
+
+    A batch holds `batch_size` pairs, each as two adjacent rows (row 2j chosen, row 2j + 1 rejected), so a pair
+    is always in one batch (and, under data parallelism, on one rank: `batches` lists pairs). Pairs are sorted
+    by their longer reply, like rows of a BatchPlan; there is no packing. `reference` holds every example's
+    reference log-probability (DPO), which each batch carries.
+    """
+
+    def __init__(self, examples: list[TokenizedExample], batch_size: int, max_seq_length: int, *, seed: int = 0,
+                 shuffle: bool = True, reference: np.ndarray | None = None) -> None:
+        self.examples, self.pack, self.seed, self.shuffle = examples, False, seed, shuffle
+        self.max_seq_length, self.reference = max_seq_length, reference
+        longest = [max(examples[2 * p].length, examples[2 * p + 1].length) for p in range(len(examples) // 2)]
+        pairs = [(2 * p, 2 * p + 1) for p in sorted(range(len(longest)), key=lambda p: (longest[p], p))]
+        self.rows = [[i] for pair in pairs for i in pair]
+        self.batches = [pairs[i: i + batch_size] for i in range(0, len(pairs), batch_size)]
+
+    def width(self, b: int) -> int:
+        longest = max(self.examples[i].length for pair in self.batches[b] for i in pair)
+        return min(bucket(longest - 1), self.max_seq_length)
+
+    def shapes(self) -> set[tuple[int, int]]:
+        return {(2 * len(self.batches[b]), self.width(b)) for b in range(len(self.batches))}
+
+    def build(self, b: int) -> Batch:
+        pairs = self.batches[b]
+        batch = self.build_rows([[i] for pair in pairs for i in pair])
+        if self.reference is not None:
+            batch.reference = self.reference[[i for pair in pairs for i in pair]].astype(np.float32)
         return batch

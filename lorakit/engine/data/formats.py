@@ -9,11 +9,12 @@ from lorakit.engine.data.validate import RecordError, check_conversation, check_
 from lorakit.engine.data.verdicts import parse_verdict
 from lorakit.errors import UserError
 
-FORMATS = ("chat", "sharegpt", "completions", "alpaca", "text", "judge")
+FORMATS = ("chat", "sharegpt", "completions", "alpaca", "text", "judge", "preference")
 
 # Fields --field-map may rename (canonical name = input name). Message-level ones apply inside message lists.
 RECORD_FIELDS = ("messages", "system", "tools", "conversations", "prompt", "completion", "instruction", "input",
-                 "output", "text", "question", "answer_a", "answer_b", "reasoning", "verdict")
+                 "output", "text", "question", "answer_a", "answer_b", "reasoning", "verdict", "chosen",
+                 "rejected")
 MESSAGE_FIELDS = ("role", "content", "from", "value")
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -36,6 +37,7 @@ class NormalizedRecord:
     tools: list[Any] | None = None
     label: str | None = None  # a judge record's verdict
     extra: dict[str, Any] | None = None  # fields carried into the output row (a judge record's originals)
+    rejected: str | None = None  # a preference pair's rejected reply; `messages` ends with the chosen one
 
 
 def parse_field_map(items: list[str]) -> dict[str, str]:
@@ -77,6 +79,8 @@ def _rename(turn: dict[str, Any], inner: dict[str, str]) -> dict[str, Any]:
 
 
 def detect(record: dict[str, Any]) -> str:
+    if "chosen" in record and "rejected" in record:
+        return "preference"
     if "messages" in record:
         return "chat"
     if "conversations" in record:
@@ -91,7 +95,8 @@ def detect(record: dict[str, Any]) -> str:
         return "text"
     fields = ", ".join(sorted(map(str, record))) or "none"
     raise RecordError(f"unknown record format (fields: {fields}); expected messages, conversations, "
-                      "prompt+completion, instruction+output, text, or question+answer_a+answer_b "
+                      "prompt+completion, instruction+output, text, question+answer_a+answer_b, or "
+                      "prompt+chosen+rejected "
                       "(rename fields with --field-map)")
 
 
@@ -180,8 +185,43 @@ def _judge(record: dict[str, Any]) -> NormalizedRecord:
                             label=verdict, extra={k: v for k, v in extra.items() if v is not None})
 
 
+def _preference(record: dict[str, Any]) -> NormalizedRecord:
+    """TRL's and mlx-lm-lora's preference records: a prompt (string, or `prompt`/`messages` as a message
+    list) and a chosen and a rejected reply (strings, or lists ending with the assistant message)."""
+    prompt = record.get("prompt", record.get("messages"))
+    if prompt is None:
+        raise RecordError("missing field 'prompt' (a string or a list of messages before the replies)")
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": _string(record, "prompt")}]
+    elif isinstance(prompt, list) and prompt:
+        messages = [dict(m) if isinstance(m, dict) else m for m in prompt]
+    else:
+        raise RecordError(f"'prompt' must be a string or a non-empty list of messages, got {_type(prompt)}")
+    if record.get("system") is not None:
+        messages.insert(0, {"role": "system", "content": _string(record, "system")})
+    chosen, rejected = _reply(record, "chosen"), _reply(record, "rejected")
+    if " ".join(chosen.split()) == " ".join(rejected.split()):
+        raise RecordError("'chosen' and 'rejected' are the same reply; a pair needs two different answers")
+    return NormalizedRecord(fmt="preference", messages=[*messages, {"role": "assistant", "content": chosen}],
+                            rejected=rejected)
+
+
+def _reply(record: dict[str, Any], key: str) -> str:
+    """A preference reply's text: a string, or the content of the last message of a list."""
+    value = record.get(key)
+    if isinstance(value, list):
+        last = value[-1] if value else None
+        if not isinstance(last, dict) or last.get("role") != "assistant":
+            raise RecordError(f"'{key}' must be a string or a list of messages ending with an assistant one")
+        value = last.get("content")
+        if not isinstance(value, str) or not value.strip():
+            raise RecordError(f"'{key}': the assistant message's content is empty or not a string")
+        return value
+    return _string(record, key)
+
+
 _CONVERTERS = {"chat": _chat, "sharegpt": _sharegpt, "completions": _completions, "alpaca": _alpaca,
-               "judge": _judge}
+               "judge": _judge, "preference": _preference}
 
 
 def _string(record: dict[str, Any], key: str, required: bool = True) -> str | None:

@@ -18,6 +18,9 @@ Record formats (detected per split from the first record, like mlx-lm):
   completions  {"prompt": ..., "completion": ...}  rendered as a user/assistant chat when the tokenizer has
                a chat template, else as prompt + completion + eos
   text         {"text": ...}  tokenised as is, eos appended
+  preference   {"prompt": str or [messages], "chosen": str or [assistant message], "rejected": ...}  two
+               examples per record, chosen then rejected, each the prompt plus that reply rendered as a chat;
+               only the reply (and its end-of-turn token) carries loss. A pair is kept or dropped whole.
 
 --train-on (auto picks assistant for chat, completions for prompt/completion, all for text):
   all          every token
@@ -89,6 +92,15 @@ class Split:
     def loss_tokens(self) -> int:
         return sum(e.loss_tokens for e in self.examples)
 
+    @property
+    def records(self) -> int:
+        """Records kept: examples, or pairs of them in a preference split."""
+        return len(self.examples) // 2 if self.format == "preference" else len(self.examples)
+
+    @property
+    def unit(self) -> str:
+        return "pairs" if self.format == "preference" else "examples"
+
 
 def split_path(data_dir: Path, split: str) -> Path:
     data_dir = Path(data_dir)
@@ -104,19 +116,26 @@ def split_path(data_dir: Path, split: str) -> Path:
 
 
 def detect_format(record: dict, where: str) -> str:
+    if "chosen" in record and "rejected" in record:
+        return "preference"
     if "messages" in record:
         return "chat"
     if "prompt" in record and "completion" in record:
         return "completions"
     if "text" in record:
         return "text"
-    raise UserError(f"{where}: expected a 'messages', 'prompt'+'completion' or 'text' record, got keys "
+    raise UserError(f"{where}: expected a 'messages', 'prompt'+'completion', 'prompt'+'chosen'+'rejected' "
+                    "or 'text' record, got keys "
                     f"{sorted(record)}; run `lorakit prepare` to convert it")
 
 
 def resolve_train_on(train_on: str, fmt: str, where: str) -> str:
+    if fmt == "preference" and train_on not in ("auto", "completions"):
+        raise UserError(f"--train-on {train_on}: {where} holds preference pairs, whose loss is always on the "
+                        "chosen and rejected replies; leave --train-on at auto")
     if train_on == "auto":
-        return {"chat": "assistant", "completions": "completions", "text": "all"}[fmt]
+        return {"chat": "assistant", "completions": "completions", "text": "all",
+                "preference": "completions"}[fmt]
     if fmt == "text" and train_on != "all":
         raise UserError(f"--train-on {train_on}: {where} holds plain 'text' records, which have no prompt or "
                         "assistant turns to select; use --train-on all (or auto), or prepare chat data")
@@ -188,6 +207,18 @@ class _Renderer:
     def render(self, messages: list[dict], tools: Any, generation_prompt: bool) -> str:
         assert self.template is not None
         return render_chat(self.tokenizer, messages, self.template, generation_prompt, tools)
+
+    def examples(self, record: dict, lineno: int) -> list[TokenizedExample]:
+        """The record's example, or a preference pair's two (chosen, rejected)."""
+        if self.fmt != "preference":
+            return [self.example(record, lineno)]
+        where = f"{self.path}:{lineno}"
+        prompt = record.get("prompt")
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise UserError(f"{where}: 'prompt' must be a string or a non-empty list of messages")
+        return [self._chat([*messages, {"role": "assistant", "content": _reply_text(record.get(key), key, where)}],
+                           record.get("tools"), where) for key in ("chosen", "rejected")]
 
     def example(self, record: dict, lineno: int) -> TokenizedExample:
         where = f"{self.path}:{lineno}"
@@ -278,6 +309,15 @@ class _Renderer:
         return start, start + _common_prefix(full[start:], piece)
 
 
+def _reply_text(value: Any, key: str, where: str) -> str:
+    if isinstance(value, list) and value and isinstance(value[-1], dict):
+        value = value[-1].get("content")
+    if not isinstance(value, str) or not value.strip():
+        raise UserError(f"{where}: '{key}' must be a non-empty string or a list ending with an assistant "
+                        "message (run `lorakit prepare` to check the pairs)")
+    return value
+
+
 def _example(tokens: list[int], mask: list[bool]) -> TokenizedExample:
     mask_arr = np.array(mask, dtype=bool)
     mask_arr[0] = False  # nothing predicts the first token (and packing relies on it)
@@ -359,14 +399,14 @@ def load_split(data_dir: Path, split: str, tokenizer: Any, train_on: str, max_se
         if detect_format(record, f"{path}:{lineno}") != fmt:
             raise UserError(f"{path}:{lineno}: record format differs from line {records[0][0]} ({fmt}); "
                             "one split must use one format")
-        ex = renderer.example(record, lineno)
-        if ex.length > max_seq_length:
+        group = renderer.examples(record, lineno)
+        if any(ex.length > max_seq_length for ex in group):
             truncated += 1
-            ex = TokenizedExample(ex.tokens[:max_seq_length], ex.mask[:max_seq_length])
-        if ex.loss_tokens == 0:
+            group = [TokenizedExample(ex.tokens[:max_seq_length], ex.mask[:max_seq_length]) for ex in group]
+        if any(ex.loss_tokens == 0 for ex in group):
             dropped += 1
         else:
-            examples.append(ex)
+            examples.extend(group)
         reporter.advance(1)
     reporter.finish()
     result = Split(path, fmt, effective, examples, truncated, dropped)
@@ -377,7 +417,7 @@ def load_split(data_dir: Path, split: str, tokenizer: Any, train_on: str, max_se
 
 def _report(split: Split, max_seq_length: int, reporter: Reporter) -> None:
     if split.truncated:
-        reporter.warn(f"{split.path}: {split.truncated} of {len(split.examples) + split.dropped} examples are "
+        reporter.warn(f"{split.path}: {split.truncated} of {split.records + split.dropped} {split.unit} are "
                       f"longer than --max-seq-length {max_seq_length} and were truncated")
     if split.dropped:
         reporter.warn(f"{split.path}: {split.dropped} examples have no loss-bearing token "

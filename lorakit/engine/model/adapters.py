@@ -88,7 +88,8 @@ def trained_rendering(config: dict) -> dict | None:
     """How the adapter's training data was rendered ({"format", "template", "train_on"}), or None for an
     adapter that does not say (older lorakit, mlx-lm's own)."""
     rendering = (config.get("lorakit") or {}).get("rendering")
-    if not isinstance(rendering, dict) or rendering.get("format") not in ("chat", "completions", "text"):
+    if not isinstance(rendering, dict) or rendering.get("format") not in ("chat", "completions", "text",
+                                                                              "preference"):
         return None
     template = rendering.get("template")
     return {"format": rendering["format"], "template": template if isinstance(template, str) else None,

@@ -1,8 +1,10 @@
 """The compiled training steps.
 
 One optimizer step = `grad_accumulation_steps` micro-batches. Each micro-batch adds the gradient of its
-*summed* token loss; the update divides by the total number of loss tokens, so batch 4 and 2 x 2
-accumulation make the same update (and the data-parallel all-sum slots in at `_reduce`).
+*summed* loss (over tokens, or over pairs for DPO/ORPO); the update divides by the total count, so batch 4
+and 2 x 2 accumulation make the same update (and the data-parallel all-sum slots in at `_reduce`). The loss
+(an objective's `loss(model, batch) -> (sum, count, stats)`) is an argument, so tests can swap it; `stats`
+(the objective's metric sums, e.g. DPO reward accuracy) come back with the loss.
 
 The update also returns how many trainable weight tensors hold a NaN or inf afterwards: one fused reduction
 inside the compiled graph, so a step whose update blew up is never saved or reported.
@@ -20,21 +22,20 @@ from mlx import nn
 from mlx.utils import tree_flatten, tree_map
 
 from lorakit.engine.model import distributed as dist
-from lorakit.engine.model.losses import batch_loss
 
 
 class Steps(NamedTuple):
     """The compiled step functions; `state` is what they read and write (evaluate it with their outputs)."""
 
-    full: Callable  # (batch) -> (loss sum, tokens, grad norm, non-finite weights): forward, backward, update
-    micro: Callable  # (batch, grad sum or None) -> (loss sum, tokens, grad sum): one accumulated micro-batch
+    full: Callable  # (batch) -> (loss sum, count, stats, grad norm, non-finite weights): forward, backward, update
+    micro: Callable  # (batch, grad sum or None) -> (loss sum, count, stats, grad sum): one accumulated micro-batch
     apply: Callable  # (grad sum, tokens) -> (grad norm, non-finite weights): the update after the last micro
     state: list
 
 
-def compile_steps(model: nn.Module, optimizer: optim.Optimizer, head: str | None,
+def compile_steps(model: nn.Module, optimizer: optim.Optimizer, loss: Callable,
                   max_grad_norm: float | None) -> Steps:
-    loss_and_grad = nn.value_and_grad(model, partial(batch_loss, head=head))
+    loss_and_grad = nn.value_and_grad(model, loss)
     state = [model.state, optimizer.state, mx.random.state]
 
     def update(grad, ntoks):
@@ -49,15 +50,15 @@ def compile_steps(model: nn.Module, optimizer: optim.Optimizer, head: str | None
 
     @partial(mx.compile, inputs=state, outputs=state)
     def full(batch):
-        (loss_sum, ntoks), grad = loss_and_grad(model, batch)
-        return loss_sum, ntoks, *update(grad, ntoks)
+        (loss_sum, ntoks, stats), grad = loss_and_grad(model, batch)
+        return loss_sum, ntoks, stats, *update(grad, ntoks)
 
     @partial(mx.compile, inputs=state, outputs=state)
     def micro(batch, grad_sum):
-        (loss_sum, ntoks), grad = loss_and_grad(model, batch)
+        (loss_sum, ntoks, stats), grad = loss_and_grad(model, batch)
         if grad_sum is not None:
             grad = tree_map(mx.add, grad, grad_sum)
-        return loss_sum, ntoks, grad
+        return loss_sum, ntoks, stats, grad
 
     @partial(mx.compile, inputs=state, outputs=state)
     def apply(grad, ntoks):

@@ -9,17 +9,18 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.optimizers as optim
+import numpy as np
 
 from lorakit.engine.data.batching import BatchPlan
 from lorakit.engine.model import checkpoint as ckpt
 from lorakit.engine.model import distributed as dist
 from lorakit.engine.model.adapters import ADAPTER_FILE, save_adapter
 from lorakit.engine.model.loading import LoadedModel
-from lorakit.engine.model.losses import batch_loss
 from lorakit.engine.reporter import Reporter
 from lorakit.engine.training import failures
 from lorakit.engine.training.loss_curve import write_loss_curve
 from lorakit.engine.training.metrics_log import MetricsLog
+from lorakit.engine.training.objective import Objective
 from lorakit.engine.training.output import RunOutput
 from lorakit.engine.training.result import CURVE, METRICS, REPORT, SETTINGS_FILE, RunSizes, TrainResult
 from lorakit.engine.training.state import LastSeen, ReportWindow, TrainState
@@ -45,7 +46,7 @@ class Trainer:
     def __init__(self, settings: TrainSettings, reporter: Reporter, *, world: dist.World, loaded: LoadedModel,
                  head: str | None, adapter_cfg: dict, optimizer: optim.Optimizer, batches: Batches,
                  state: TrainState, sizes: RunSizes, resumed_from: Path | None, wall_start: float,
-                 output: RunOutput) -> None:
+                 output: RunOutput, objective: Objective) -> None:
         self.settings, self.reporter, self.world = settings, reporter, world
         self.model, self.model_name, self.head = loaded.model, loaded.name, head
         self.adapter_cfg = adapter_cfg
@@ -55,7 +56,12 @@ class Trainer:
         self.prior_elapsed = state.elapsed  # wall time of the run before this resume
         resume_step = state.step if resumed_from else None
         self.metrics = MetricsLog(self.out / METRICS, resume_step, write=world.is_main, warn=reporter.warn)
-        self.steps = compile_steps(self.model, optimizer, head, settings.max_grad_norm)
+        self.objective = objective
+        self.steps = compile_steps(self.model, optimizer, objective.loss, settings.max_grad_norm)
+        # the objective's metric sums (DPO rewards...) over the step and since the last report
+        self.step_stats: np.ndarray = np.zeros(0)
+        self.window_stats: np.ndarray | float = 0.0
+        self.accuracy: float | None = None  # DPO/ORPO: the last reported validation (or train) reward accuracy
         self.train_batches = batches.plan.iterate(state.epoch, state.batch_index)
         self.window, self.last = ReportWindow(), LastSeen()
         self.resume_step = self.last_saved = state.step if resumed_from else None
@@ -131,6 +137,8 @@ class Trainer:
         # Totals over all ranks; a Ctrl-C seen by any rank stops all of them after the same step.
         loss_sum, ntoks, self.stops_everywhere = self.world.sum_floats(loss_sum, ntoks,
                                                                        float(self.stop.requested))
+        if self.step_stats.size:
+            self.window_stats = self.window_stats + np.array(self.world.sum_floats(*self.step_stats))
         self.state.step += 1
         self.beat()
         self.in_step = False
@@ -146,21 +154,24 @@ class Trainer:
         steps, accum = self.steps, self.settings.grad_accumulation_steps
         loss_sum = ntoks = 0.0
         grad = tok_sum = None
+        self.step_stats = np.zeros(0)
         for micro in range(accum):
             epoch, index, batch = next(self.train_batches)
             arrays = self.last_batch = batch.to_mx()
             if accum == 1:
-                loss, n, norm, bad = steps.full(arrays)
-                mx.eval(steps.state, loss, n, norm, bad)
+                loss, n, stats, norm, bad = steps.full(arrays)
+                mx.eval(steps.state, loss, n, stats, norm, bad)
             else:
-                loss, n, grad = steps.micro(arrays, grad)
+                loss, n, stats, grad = steps.micro(arrays, grad)
                 tok_sum = n if tok_sum is None else tok_sum + n
                 if micro == accum - 1:
                     norm, bad = steps.apply(grad, tok_sum)
-                    mx.eval(steps.state, loss, tok_sum, norm, bad)
+                    mx.eval(steps.state, loss, tok_sum, stats, norm, bad)
                 else:
-                    mx.eval(grad, loss, tok_sum)
+                    mx.eval(grad, loss, tok_sum, stats)
             loss_sum, ntoks = loss_sum + loss.item(), ntoks + n.item()
+            step_stats = np.array(stats, np.float64)
+            self.step_stats = step_stats if micro == 0 else self.step_stats + step_stats
             self.state.move_past(epoch, index, len(self.batches.plan))
         return loss_sum, ntoks, norm.item(), bad.item()
 
@@ -210,7 +221,7 @@ class Trainer:
         """Without validation no loss is ever computed on the last update's weights: one forward pass over the
         last batch checks them before they are saved."""
         self.model.eval()
-        loss, n = batch_loss(self.model, self.last_batch, self.head)
+        loss, n, _ = self.objective.loss(self.model, self.last_batch)
         mx.eval(loss, n)
         self.model.train()
         loss_sum, ntoks = self.world.sum_floats(loss.item(), n.item())
@@ -239,7 +250,10 @@ class Trainer:
                "learning_rate": self.optimizer.learning_rate.item(),
                "iterations_per_second": w.steps / w.time, "tokens_per_second": w.tokens / w.time,
                "trained_tokens": self.state.trained_tokens, "peak_memory": mx.get_peak_memory() / 1e9,
-               "grad_norm": self.grad_norm, "elapsed": self.elapsed()}
+               "grad_norm": self.grad_norm, "elapsed": self.elapsed(),
+               **self.objective.metrics(self.window_stats, w.tokens)}
+        self.window_stats = 0.0
+        self.accuracy = row.get("reward_accuracy", self.accuracy)
         self.last.tokens_per_second = row["tokens_per_second"]
         self.metrics.add(row)
         self.reporter.on_train_report(row)
@@ -250,13 +264,13 @@ class Trainer:
     def validate(self) -> float:
         """Validation loss now; updates the best (and best/), metrics.jsonl and the loss curve."""
         tic = time.perf_counter()
-        val_loss = self._val_loss()
+        val_loss, val_metrics = self._val_loss()
         if not math.isfinite(val_loss):  # never reported, never best/
             untrained = " of the untrained model" if self.state.step == 0 else ""
             raise self._blow_up(f"the validation loss{untrained} is not finite ({val_loss})",
                                 started_bad=False)
         row = {"iteration": self.state.step, "epoch": self._epoch(), "val_loss": val_loss,
-               "val_time": time.perf_counter() - tic, "elapsed": self.elapsed()}
+               "val_time": time.perf_counter() - tic, "elapsed": self.elapsed(), **val_metrics}
         self._track_best(val_loss)
         row["best_val_loss"] = self.state.best_val_loss
         self.metrics.add(row)
@@ -264,19 +278,24 @@ class Trainer:
         if self.world.is_main:
             self._write_curve()
         self.last.val_loss = val_loss
+        self.accuracy = row.get("val_reward_accuracy", self.accuracy)
         return val_loss
 
-    def _val_loss(self) -> float:
+    def _val_loss(self) -> tuple[float, dict[str, float]]:
+        """The validation loss (per token, or per pair for DPO/ORPO) and the objective's metrics."""
         self.model.eval()
         loss_sum = ntoks = 0.0
+        stats: np.ndarray | float = 0.0
         for b in self.batches.val:
-            loss, n = batch_loss(self.model, b, self.head)  # eager: a compile per validation shape costs more
-            mx.eval(loss, n)
+            # eager: a compile per validation shape costs more
+            loss, n, batch_stats = self.objective.loss(self.model, b)
+            mx.eval(loss, n, batch_stats)
             loss_sum, ntoks = loss_sum + loss.item(), ntoks + n.item()
+            stats = stats + np.array(batch_stats, np.float64)
             self.beat()
         self.model.train()
-        loss_sum, ntoks = self.world.sum_floats(loss_sum, ntoks)
-        return loss_sum / ntoks
+        loss_sum, ntoks, *stats = self.world.sum_floats(loss_sum, ntoks, *stats)
+        return loss_sum / ntoks, self.objective.metrics(stats, ntoks, prefix="val_")
 
     def _track_best(self, val_loss: float) -> None:
         st = self.state
@@ -360,7 +379,8 @@ class Trainer:
 
     def _show_progress(self) -> None:
         self.reporter.advance(1, epoch=self._epoch(), loss=self.last.train_loss, val_loss=self.last.val_loss,
-                              lr=self.optimizer.learning_rate.item(), tok_s=self.last.tokens_per_second,
+                              acc=self.accuracy, lr=self.optimizer.learning_rate.item(),
+                              tok_s=self.last.tokens_per_second,
                               mem_gb=round(mx.get_peak_memory() / 1e9, 3))
 
     def _write_curve(self) -> None:
