@@ -371,8 +371,15 @@ class FuseSettings(ModelOptions):
     requantize: Literal[4, 8] | None = Field(
         None, description="Quantize the fused weights (reports the error)."
     )
-    export_gguf: Path | None = Field(None, description="Also write a GGUF file for llama.cpp.")
-    gguf_type: Literal["f16", "q8_0"] = Field("f16", description="Tensor type of the GGUF export.")
+    export_gguf: Path | None = Field(
+        None, description="Also write a GGUF file for llama.cpp, checked, with an Ollama Modelfile beside it."
+    )
+    gguf_type: Literal["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"] = Field(
+        "f16", description="Tensor type of the GGUF export (k-quants: llama-quantize the f16 file)."
+    )
+    gguf_adapter: Path | None = Field(
+        None, description="Also write the adapter alone as a GGUF LoRA (llama.cpp --lora, Ollama ADAPTER)."
+    )
     verify: bool = Field(True, description="Compare fused logits with base+adapter; fail on mismatch.")
     verify_tolerance: float | None = Field(
         None, gt=0,

@@ -44,17 +44,32 @@ def build_tokenizer(vocab_size: int = 384):
     return tok
 
 
+# model_type -> what its tiny config adds to the llama one (mlx-lm implements each; GGUF export covers each)
+FAMILIES = {
+    "llama": {},
+    "mistral": {"architectures": ["MistralForCausalLM"]},
+    "qwen2": {"architectures": ["Qwen2ForCausalLM"]},  # q/k/v biases
+    "qwen3": {"architectures": ["Qwen3ForCausalLM"]},  # q/k RMSNorms
+    "gemma": {"architectures": ["GemmaForCausalLM"], "hidden_activation": "gelu_pytorch_tanh"},
+    "gemma2": {"architectures": ["Gemma2ForCausalLM"], "hidden_activation": "gelu_pytorch_tanh",
+               "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
+    "phi3": {"architectures": ["Phi3ForCausalLM"], "original_max_position_embeddings": 2048,
+             "pad_token_id": 0},  # fused qkv and gate_up projections
+}
+
+
 def tiny_model_dir(path: str | Path, *, seed: int = 0, hidden_size: int = 64, num_layers: int = 2,
                    vocab_size: int = 384, tie_word_embeddings: bool = True, quantize_bits: int | None = None,
-                   dtype: str = "float32") -> Path:
-    """Write a tiny llama model directory loadable by mlx_lm.load (and lorakit's loader)."""
+                   dtype: str = "float32", family: str = "llama", random_norms: bool = False) -> Path:
+    """Write a tiny model directory of one of FAMILIES, loadable by mlx_lm.load (and lorakit's loader).
+    `random_norms` draws the RMSNorm weights around 1 (else all 1), so a norm stored wrongly shows."""
     from lorakit.blas import preload
 
     preload()  # OpenBLAS before mlx is first imported: keep above the mlx imports
     import mlx.core as mx
     import mlx.nn as nn
-    from mlx.utils import tree_flatten
-    from mlx_lm.models.llama import Model, ModelArgs
+    from mlx.utils import tree_flatten, tree_map_with_path
+    from mlx_lm.utils import _get_classes
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -78,8 +93,16 @@ def tiny_model_dir(path: str | Path, *, seed: int = 0, hidden_size: int = 64, nu
         "eos_token_id": tok.token_to_id("<|im_end|>"),
         "torch_dtype": dtype,
     }
+    config.update(FAMILIES[family], model_type=family)
+    if family == "gemma2":
+        config["query_pre_attn_scalar"] = config["head_dim"]
     mx.random.seed(seed)
-    model = Model(ModelArgs.from_dict(config))
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    if random_norms:
+        model.update(tree_map_with_path(
+            lambda name, w: w + 0.2 * mx.random.normal(w.shape) if name.endswith("norm.weight") else w,
+            model.parameters()))
     model.set_dtype(getattr(mx, dtype))
     if quantize_bits:
         nn.quantize(model, group_size=32, bits=quantize_bits)

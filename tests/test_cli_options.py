@@ -89,7 +89,7 @@ def help_text(command: str) -> str:
                "[possible values: adam, adamw, sgd, adafactor]")),
     ("train", "[possible values: constant, cosine, linear]"),
     ("prepare", "[possible values: messages, text]"),
-    ("fuse", "[possible values: f16, q8_0]"),
+    ("fuse", "[possible values: f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1]"),
     ("fuse", "[possible values: bfloat16, float16, float32]"),
     ("train", ("-m, --model <str> Hugging Face repo id, local model directory, or .gguf file. "
                "[env: LORAKIT_MODEL] [required]")),

@@ -172,8 +172,10 @@ def test_lorakit_loads_its_own_gguf(case, exports):
 
 
 def test_models_llama_cpp_cannot_describe_are_refused_up_front():
-    with pytest.raises(UserError, match="--export-gguf: model type 'qwen2'"):
-        check_exportable({"model_type": "qwen2"})
+    with pytest.raises(UserError, match="--export-gguf: model type 'gpt_neox' is not supported .*llama, mistral"):
+        check_exportable({"model_type": "gpt_neox"})
+    with pytest.raises(UserError, match="rope_scaling type 'yarn' is not supported for qwen2"):
+        check_exportable({"model_type": "qwen2", "rope_scaling": {"type": "yarn", "factor": 4.0}})
     with pytest.raises(UserError, match="rope_scaling type 'llama3'"):
         check_exportable({"model_type": "llama", "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
     check_exportable({"model_type": "llama", "rope_scaling": {"type": "linear", "factor": 2.0}})

@@ -39,6 +39,7 @@ def command(
     q_group_size: Annotated[int | None, opt(S, "q_group_size")] = None,  # fuse's own: also --requantize's
     export_gguf: Annotated[Path | None, opt(S, "export_gguf")] = None,
     gguf_type: Annotated[str | None, opt(S, "gguf_type")] = None,
+    gguf_adapter: Annotated[Path | None, opt(S, "gguf_adapter")] = None,
     verify: Annotated[bool | None, opt(S, "verify")] = None,
     verify_tolerance: Annotated[float | None, opt(S, "verify_tolerance")] = None,
     overwrite: Annotated[bool | None, opt(S, "overwrite")] = None,

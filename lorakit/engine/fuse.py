@@ -18,14 +18,15 @@ import mlx.core as mx
 from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from lorakit.engine.export.gguf_export import GgufExport, check_exportable, export_gguf
+from lorakit.engine.export.gguf_adapter import GgufAdapterExport
+from lorakit.engine.export.gguf_export import GgufExport, check_exportable
+from lorakit.engine.export.gguf_outputs import GgufInputs, GgufTargets, gguf_targets, write_ggufs
 from lorakit.engine.export.hf_export import has_gguf_layout, hf_config, make_tokenizer_portable, to_hf_rows
 from lorakit.engine.model.adapters import load_adapter, read_adapter_config, resolve_adapter_dir
 from lorakit.engine.model.loading import LoadedModel, load_model
 from lorakit.engine.reporter import Reporter
 from lorakit.errors import RunError, UserError
 from lorakit.io import (
-    atomic_path,
     check_output_location,
     ensure_new_dir,
     output_lock,
@@ -84,6 +85,7 @@ class FuseResult:
     check: FuseCheck | None = None
     requantize_error: LogitDiff | None = None
     gguf: GgufExport | None = None
+    gguf_adapter: GgufAdapterExport | None = None
     seconds: float = 0.0
 
 
@@ -105,33 +107,34 @@ class _Merged:
 
 def run(settings: FuseSettings, reporter: Reporter) -> FuseResult:
     start = time.perf_counter()
-    gguf_path = _gguf_target(settings)
-    _check_outside_inputs(settings, gguf_path)
+    targets = gguf_targets(settings)
+    _check_outside_inputs(settings, targets)
     with contextlib.ExitStack() as locks:
         locks.enter_context(output_lock(settings.out, "--out"))
-        if gguf_path is not None and _relative_to(gguf_path, settings.out) is None:
-            locks.enter_context(output_lock(gguf_path, "--export-gguf"))
-        result = _fuse(settings, gguf_path, reporter)
+        for flag, path in targets.outputs():
+            if _relative_to(path, settings.out) is None:
+                locks.enter_context(output_lock(path, flag))
+        result = _fuse(settings, targets, reporter)
     result.seconds = round(time.perf_counter() - start, 2)
     return result
 
 
-def _check_outside_inputs(settings: FuseSettings, gguf_path: Path | None) -> None:
-    """--out (and --export-gguf) must neither be, contain nor sit inside --model or --adapter-path: an
+def _check_outside_inputs(settings: FuseSettings, targets: GgufTargets) -> None:
+    """--out (and the GGUF files) must neither be, contain nor sit inside --model or --adapter-path: an
     --overwrite would replace the very files it reads."""
     inputs = [("--model", settings.model), ("--adapter-path", settings.adapter_path)]
     check_output_location(settings.out, "--out", inputs)
-    if gguf_path is not None:
-        check_output_location(gguf_path, "--export-gguf", inputs)
+    for flag, path in targets.outputs():
+        check_output_location(path, flag, inputs)
 
 
-def _fuse(settings: FuseSettings, gguf_path: Path | None, reporter: Reporter) -> FuseResult:
+def _fuse(settings: FuseSettings, targets: GgufTargets, reporter: Reporter) -> FuseResult:
     """The fuse itself, under the output locks."""
     out = ensure_new_dir(settings.out, settings.overwrite)
     resolve_adapter_dir(settings.adapter_path)  # a wrong path fails before the model loads
 
     loaded = load_model(settings.model_copy(update={"dtype": None}), reporter)
-    if gguf_path is not None:
+    if targets.model is not None or targets.adapter is not None:
         check_exportable(loaded.config)
     merged = _merge(loaded, settings, reporter)
     if settings.requantize:
@@ -143,9 +146,10 @@ def _fuse(settings: FuseSettings, gguf_path: Path | None, reporter: Reporter) ->
         transformers_compatible=settings.requantize is None,
         qk_rows_restored=has_gguf_layout(loaded.config),
     )
-    _ship(out, gguf_path, loaded, merged, settings, result, reporter)
-    if result.gguf is not None:
-        result.gguf.size_bytes = Path(result.gguf.path).stat().st_size
+    _ship(out, targets, loaded, merged, settings, result, reporter)
+    for export in (result.gguf, result.gguf_adapter):
+        if export is not None:
+            export.size_bytes = Path(export.path).stat().st_size
     reporter.on_save(str(out), 0)
     return result
 
@@ -175,7 +179,7 @@ def _merge(loaded: LoadedModel, settings: FuseSettings, reporter: Reporter) -> _
                    reference=reference, fused_float=fused_float)
 
 
-def _ship(out: Path, gguf_path: Path | None, loaded: LoadedModel, merged: _Merged, settings: FuseSettings,
+def _ship(out: Path, targets: GgufTargets, loaded: LoadedModel, merged: _Merged, settings: FuseSettings,
           result: FuseResult, reporter: Reporter) -> None:
     """Save the fused model (and the GGUF) into a staging directory, check the model as saved, then move it
     into place: nothing is shipped unless it passes."""
@@ -190,14 +194,10 @@ def _ship(out: Path, gguf_path: Path | None, loaded: LoadedModel, merged: _Merge
                 weights = to_hf_rows(weights, loaded.config)
                 model.update(tree_unflatten(list(weights.items())))
                 reporter.log("put the GGUF base's q/k rows back in Hugging Face order (standard RoPE config)")
-            if gguf_path is not None:
-                inside = _relative_to(gguf_path, out)
-                target = staging / inside if inside else stack.enter_context(atomic_path(gguf_path))
-                target.parent.mkdir(parents=True, exist_ok=True)
-                result.gguf = export_gguf(weights, config, staging, target, settings.gguf_type,
-                                          name=out.name, reporter=reporter)
-                result.gguf.path = str(gguf_path)
-            del weights
+            inputs = GgufInputs(weights, config, loaded, merged.adapter_dir, merged.prompts)
+            result.gguf, result.gguf_adapter = write_ggufs(stack, staging, out, targets, inputs, settings,
+                                                           reporter)
+            del weights, inputs
             if settings.requantize:
                 config, result.quantization = _requantize(model, config, settings, loaded.config)
             _save(staging, model, config)
@@ -240,21 +240,6 @@ def _verify(staging: Path, merged: _Merged, settings: FuseSettings, result: Fuse
         _warn_if_indistinguishable(result.check, reporter)
     if settings.requantize:
         result.requantize_error = _diff(shipped, merged.fused_float)
-
-
-def _gguf_target(settings: FuseSettings) -> Path | None:
-    path = settings.export_gguf
-    if path is None:
-        return None
-    path = Path(path)
-    if path.resolve() == Path(settings.out).resolve():
-        raise UserError(f"--export-gguf {path}: the same path as --out; give a file name such as {path}.gguf")
-    if path.is_dir():
-        raise UserError(f"--export-gguf {path}: is a directory; give a file name such as "
-                        f"{path / 'model.gguf'}")
-    if path.exists() and not settings.overwrite:
-        raise UserError(f"--export-gguf {path}: file exists; pass --overwrite to replace it")
-    return path
 
 
 def _relative_to(path: Path, directory: Path) -> Path | None:

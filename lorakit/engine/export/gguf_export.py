@@ -1,9 +1,12 @@
-"""`lorakit fuse --export-gguf`: the fused float model as a GGUF file for llama.cpp (llama family).
+"""`lorakit fuse --export-gguf`: the fused float model as a GGUF file for llama.cpp.
 
-Written with the `gguf` package the way llama.cpp's convert_hf_to_gguf.py writes a llama: tensor names from
-gguf's own name map, q/k rows permuted for llama.cpp's RoPE kernel, norms in float32, the other matrices in
-f16 or q8_0, and the tokenizer (tokens, token types, merges, special ids, add_bos, chat template) as
-`tokenizer.ggml.*` metadata.
+Written with the `gguf` package the way llama.cpp's convert_hf_to_gguf.py writes these families (see
+gguf_families for what differs per family): tensor names from gguf's own name map, norms and biases in
+float32, the matrices in the chosen type from `gguf.quants`, and the tokenizer (tokens, token types, merges,
+special ids, add_bos, chat template) as `tokenizer.ggml.*` metadata.
+
+K-quants (Q4_K_M, Q5_K_M, Q6_K) are not offered: the `gguf` package can read them but has no quantizer for
+them; llama.cpp's `llama-quantize` turns an f16 export into any of them.
 """
 
 from __future__ import annotations
@@ -16,15 +19,35 @@ import gguf
 import mlx.core as mx
 import numpy as np
 
-from lorakit.engine.export.hf_export import permute_rows, qk_heads
+from lorakit.engine.export.gguf_check import GgufCheck
+from lorakit.engine.export.gguf_families import (
+    BY_MODEL_TYPE,
+    Family,
+    gemma2_attention_scalar,
+    gguf_name,
+    head_dim,
+    name_map,
+    to_gguf_layout,
+)
 from lorakit.engine.reporter import Reporter
 from lorakit.errors import UserError
 
-SUPPORTED_MODEL_TYPES = ("llama",)
-TENSOR_TYPES = {
-    "f16": (gguf.LlamaFileType.MOSTLY_F16, gguf.GGMLQuantizationType.F16),
-    "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0),
+SUPPORTED_MODEL_TYPES = tuple(BY_MODEL_TYPE)
+Q = gguf.GGMLQuantizationType
+FT = gguf.LlamaFileType
+TENSOR_TYPES = {  # --gguf-type -> (general.file_type, the matrices' type)
+    "f16": (FT.MOSTLY_F16, Q.F16),
+    "bf16": (FT.MOSTLY_BF16, Q.BF16),
+    "q8_0": (FT.MOSTLY_Q8_0, Q.Q8_0),
+    "q4_0": (FT.MOSTLY_Q4_0, Q.Q4_0),
+    "q4_1": (FT.MOSTLY_Q4_1, Q.Q4_1),
+    "q5_0": (FT.MOSTLY_Q5_0, Q.Q5_0),
+    "q5_1": (FT.MOSTLY_Q5_1, Q.Q5_1),
 }
+# llama-quantize keeps the token embedding and output matrix at higher precision than 4/5-bit bases (Q6_K);
+# the best type `gguf` can write in its place is Q8_0.
+WIDE_TENSORS = ("token_embd.weight", "output.weight")
+NARROW_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1)
 
 
 @dataclass
@@ -35,52 +58,61 @@ class GgufExport:
     tensors: int
     tokenizer_model: str
     tokenizer_pre: str | None
+    check: GgufCheck | None = None  # the file read back and run (fuse --verify)
+    modelfile: str | None = None  # the Ollama Modelfile written beside it
 
 
-def check_exportable(config: dict) -> None:
-    """Fail early (before any fusing) on a model llama.cpp's llama architecture cannot describe."""
+def check_exportable(config: dict) -> Family:
+    """Fail early (before any fusing) on a model llama.cpp's architectures cannot describe; return its family."""
     model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    family = BY_MODEL_TYPE.get(model_type)
+    if family is None:
         raise UserError(f"--export-gguf: model type '{model_type}' is not supported (supported: "
                         f"{', '.join(SUPPORTED_MODEL_TYPES)}). Drop --export-gguf, or convert the fused "
                         "directory with llama.cpp's convert_hf_to_gguf.py.")
     scaling = config.get("rope_scaling")
     kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type")
-    if scaling and kind != "linear":
-        raise UserError(f"--export-gguf: rope_scaling type '{kind}' is not supported (only linear). Convert "
-                        "the fused directory with llama.cpp's convert_hf_to_gguf.py instead.")
+    if scaling and not (kind == "linear" and family.permutes_qk):
+        raise UserError(f"--export-gguf: rope_scaling type '{kind}' is not supported for {model_type} (only "
+                        "linear, for llama-family models). Convert the fused directory with llama.cpp's "
+                        "convert_hf_to_gguf.py instead.")
+    if model_type == "gemma2" and config.get("query_pre_attn_scalar", head_dim(config)) \
+            != gemma2_attention_scalar({**config, "head_dim": head_dim(config)}):
+        raise UserError("--export-gguf: this Gemma 2's query_pre_attn_scalar differs from the one llama.cpp "
+                        "derives from its shape; llama.cpp would compute other attention scores")
+    return family
 
 
 def export_gguf(weights: dict[str, mx.array], config: dict, tokenizer_dir: Path, path: Path, gguf_type: str,
                 name: str, reporter: Reporter | None = None) -> GgufExport:
     """Write `weights` (float, Hugging Face names and q/k row order) and the tokenizer in `tokenizer_dir`."""
     reporter = reporter or Reporter()
-    check_exportable(config)
+    family = check_exportable(config)
     file_type, matrix_type = TENSOR_TYPES[gguf_type]
     vocab_size = weights["model.embed_tokens.weight"].shape[0]
 
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), family.arch_name)
     writer.add_name(name)
     _add_hparams(writer, config, vocab_size)
+    family.write_hparams(writer, config)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     tokenizer_model, pre = _add_tokenizer(writer, Path(tokenizer_dir), vocab_size, reporter)
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
+    names = name_map(family, config)
     reporter.start("gguf", total=len(weights))
     for key, value in weights.items():
-        gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            raise UserError(f"--export-gguf: tensor '{key}' has no llama.cpp name; is this a llama model?")
-        heads = qk_heads(key, config)
-        if heads:
-            value = permute_rows(value, heads)
-        data = np.array(value.astype(mx.float32))
-        if data.ndim == 1:  # norms stay float32, as llama.cpp's converter keeps them
-            writer.add_tensor(gguf_name, data)
+        target = gguf_name(names, key)
+        if target is None:
+            raise UserError(f"--export-gguf: tensor '{key}' has no llama.cpp name for a {config['model_type']} "
+                            "model")
+        data = np.array(to_gguf_layout(family, key, value, config).astype(mx.float32))
+        if data.ndim == 1:  # norms and biases stay float32, as llama.cpp's converter keeps them
+            writer.add_tensor(target, data)
         else:
-            encoded, tensor_type = _encode(data, matrix_type)
-            writer.add_tensor(gguf_name, encoded, raw_dtype=tensor_type)
+            wide = target in WIDE_TENSORS and matrix_type in NARROW_TYPES
+            encoded, tensor_type = _encode(data, Q.Q8_0 if wide else matrix_type)
+            writer.add_tensor(target, encoded, raw_dtype=tensor_type)
         reporter.advance()
     reporter.finish()
 
@@ -94,34 +126,27 @@ def export_gguf(weights: dict[str, mx.array], config: dict, tokenizer_dir: Path,
 
 def _encode(data: np.ndarray,
             qtype: gguf.GGMLQuantizationType) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
-    """Quantize one matrix; rows q8_0 cannot split into blocks fall back to f16 (as llama.cpp does)."""
+    """Quantize one matrix; rows a block type cannot split into blocks fall back to f16 (as llama.cpp does)."""
     try:
         return gguf.quants.quantize(data, qtype), qtype
     except gguf.QuantError:
-        return gguf.quants.quantize(data, gguf.GGMLQuantizationType.F16), gguf.GGMLQuantizationType.F16
+        return gguf.quants.quantize(data, Q.F16), Q.F16
 
 
 def _add_hparams(writer: gguf.GGUFWriter, config: dict, vocab_size: int) -> None:
-    hidden = config["hidden_size"]
+    """The hyperparameters every family writes (convert_hf_to_gguf.py's TextModel.set_gguf_parameters)."""
     heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or hidden // heads
     writer.add_context_length(config.get("max_position_embeddings") or 2048)
-    writer.add_embedding_length(hidden)
+    writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(heads)
     writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim != hidden // heads:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
+    writer.add_key_length(head_dim(config))
+    writer.add_value_length(head_dim(config))
+    writer.add_rope_freq_base(float(config.get("rope_theta") or 10000.0))
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-5)))
     writer.add_vocab_size(vocab_size)
-    scaling = config.get("rope_scaling")
-    if scaling:
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(scaling["factor"]))
 
 
 def _add_tokenizer(writer: gguf.GGUFWriter, directory: Path, vocab_size: int,

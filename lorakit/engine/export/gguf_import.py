@@ -3,8 +3,9 @@
 The directory (config.json, model.safetensors, tokenizer.json, tokenizer_config.json) is cached under
 `$LORAKIT_CACHE/gguf/<sha256 of the file>`, written through a staging directory so a crash never leaves
 half a cache. Q4_0/Q4_1/Q8_0 tensors stay MLX-quantized (affine, group size 32) so QLoRA works on them.
-llama.cpp permutes the q/k rows of llama-family models for its RoPE layout; the weights keep that layout
-and config.json says `rope_traditional: true`, which is the same computation.
+Tensor names are mapped back through the `gguf` package's name map for the file's architecture (see
+gguf_families). llama.cpp permutes the q/k rows of llama-family models for its RoPE layout; the weights keep
+that layout and config.json says `rope_traditional: true`, which is the same computation.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from lorakit.engine.export.gguf_families import BY_ARCH, Family, from_gguf_layout, gguf_name, name_map
+from lorakit.engine.export.gguf_read import check_header, dequantized_tensors, open_reader
 from lorakit.engine.export.gguf_tokenizer import build_tokenizer
 from lorakit.engine.reporter import Reporter
 from lorakit.errors import UserError
@@ -28,42 +31,24 @@ KEPT_QUANTIZED = ("Q4_0", "Q4_1", "Q8_0")
 FLOAT_TYPES = ("F32", "F16", "BF16")
 EXPANDED_TO_F16 = ("Q4_K", "Q6_K", "Q2_K")  # mx.load dequantizes these to float16
 SUPPORTED = (f"{', '.join(KEPT_QUANTIZED)} (kept quantized), {', '.join(FLOAT_TYPES)} (float), "
-             f"{', '.join(EXPANDED_TO_F16)} (de-quantized to float16)")
-
-# general.architecture -> (mlx-lm model_type, HF class, rope_traditional). llama.cpp permutes q/k only for llama.
-ARCHITECTURES = {
-    "llama": ("llama", "LlamaForCausalLM", True),
-    "qwen2": ("qwen2", "Qwen2ForCausalLM", False),
-}
-TOP_LEVEL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-PER_LAYER = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-}
+             "any other type the gguf package reads (Q5_0, Q5_1, k-quants, ...: de-quantized to float16)")
+SUPPORTED_ARCHITECTURES = ", ".join(BY_ARCH)
 
 
 def convert_gguf(path: Path, reporter: Reporter | None = None) -> Path:
     """Return the cached model directory for this GGUF file, converting it on first use."""
     reporter = reporter or Reporter()
     path = Path(path)
+    check_header(path)
     sha = _sha256_cached(path)
     target = cache_dir() / "gguf" / sha
     if (target / "config.json").is_file():
         return target
     reporter.log(f"converting {path.name} to an MLX model directory (once; cached at {target})")
-    weights, meta = _read(path)
-    types = _tensor_types(path)
-    weights = _restore_bf16(path, weights, types)
-    _notice_expanded(types, reporter)
-    arch = meta.get("general.architecture")
-    if arch not in ARCHITECTURES:
-        raise UserError(f"{path}: GGUF architecture {arch!r} is not supported; supported: llama (Llama 2/3, "
-                        "Mistral, SmolLM, TinyLlama) and qwen2")
-    weights = _rename(weights, path)
-    config = _config(meta, weights, arch, path)
+    weights, meta = _read(path, reporter)
+    config, weights = to_mlx(meta, weights, path)
     config.update(_quantization(weights))
-    config["lorakit_source"] = {"format": "gguf", "file": path.name, "sha256": sha}
+    config["lorakit_source"] = {"format": "gguf", "file": path.name, "path": str(path.resolve()), "sha256": sha}
     tokenizer, tokenizer_config = build_tokenizer(meta, str(path), reporter.warn)
     tokenizer_config["model_max_length"] = config["max_position_embeddings"]
 
@@ -79,6 +64,17 @@ def convert_gguf(path: Path, reporter: Reporter | None = None) -> Path:
     return target
 
 
+def to_mlx(meta: dict[str, Any], weights: dict[str, mx.array], path: Path) -> tuple[dict, dict[str, mx.array]]:
+    """config.json and mlx-lm's weights for GGUF tensors (quantized or float) and metadata."""
+    arch = meta.get("general.architecture")
+    family = BY_ARCH.get(arch)
+    if family is None:
+        raise UserError(f"{path}: GGUF architecture {arch!r} is not supported; supported: "
+                        f"{SUPPORTED_ARCHITECTURES} (llama covers Llama 2/3, Mistral, SmolLM, TinyLlama)")
+    config = _config(meta, weights, family, path)
+    return config, _rename(weights, family, config, path)
+
+
 def _sha256_cached(path: Path) -> str:
     """sha256 of the file, remembered per (path, size, mtime) so a second load does not re-hash gigabytes."""
     st = path.stat()
@@ -91,18 +87,37 @@ def _sha256_cached(path: Path) -> str:
     return sha
 
 
-def _read(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
+def _read(path: Path, reporter: Reporter) -> tuple[dict[str, mx.array], dict[str, Any]]:
+    """Tensors and metadata; types MLX's reader cannot unpack are de-quantized by the gguf package instead."""
+    types = _tensor_types(path)
+    unreadable = sorted(set(types.values()) - set(KEPT_QUANTIZED + FLOAT_TYPES + EXPANDED_TO_F16))
+    if unreadable:
+        return _read_dequantized(path, unreadable, reporter)
     try:
         weights, meta = mx.load(str(path), return_metadata=True)
     except (RuntimeError, ValueError) as e:
-        if "gguf_tensor_to_f16" in str(e):
-            found = sorted(set(_tensor_types(path).values()) - set(KEPT_QUANTIZED + FLOAT_TYPES + EXPANDED_TO_F16))
-            raise UserError(f"{path}: tensor type(s) {', '.join(found)} are not supported; supported: {SUPPORTED}. "
-                            "Re-quantize it with llama.cpp's llama-quantize (e.g. to Q8_0 or Q4_0) or use an "
-                            "F16 GGUF.") from None
         raise UserError(f"{path}: not a readable GGUF file ({e}); check the file is a complete .gguf "
                         "(re-download it)") from None
-    return weights, {k: _plain(v) for k, v in meta.items()}
+    _notice_expanded(types, reporter)
+    return _restore_bf16(path, weights, types), {k: _plain(v) for k, v in meta.items()}
+
+
+def _read_dequantized(path: Path, kinds: list[str],
+                      reporter: Reporter) -> tuple[dict[str, mx.array], dict[str, Any]]:
+    from lorakit.engine.export.gguf_read import metadata
+
+    reader = open_reader(path)
+    try:
+        tensors = dequantized_tensors(reader)
+    except NotImplementedError:
+        raise UserError(f"{path}: tensor type(s) {', '.join(kinds)} are not supported; supported: {SUPPORTED}. "
+                        "Re-quantize it with llama.cpp's llama-quantize (e.g. to Q8_0 or Q4_0) or use an "
+                        "F16 GGUF.") from None
+    reporter.warn(f"GGUF tensors of type {', '.join(kinds)} de-quantized to float16: MLX keeps only "
+                  f"{', '.join(KEPT_QUANTIZED)} quantized")
+    weights = {name: mx.array(value.astype(np.float32 if value.ndim == 1 else np.float16))
+               for name, value in tensors.items()}
+    return weights, metadata(reader)
 
 
 def _plain(value: Any) -> Any:
@@ -115,12 +130,7 @@ def _plain(value: Any) -> Any:
 
 def _tensor_types(path: Path) -> dict[str, str]:
     """GGUF tensor name -> llama.cpp type name (mx.load does not tell)."""
-    from gguf import GGUFReader
-
-    try:
-        return {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
-    except (ValueError, OSError) as e:
-        raise UserError(f"{path}: not a readable GGUF file ({e}); re-download it") from None
+    return {t.name: t.tensor_type.name for t in open_reader(path).tensors}
 
 
 def _restore_bf16(path: Path, weights: dict[str, mx.array], types: dict[str, str]) -> dict[str, mx.array]:
@@ -145,63 +155,83 @@ def _notice_expanded(types: dict[str, str], reporter: Reporter) -> None:
                       f"{', '.join(KEPT_QUANTIZED)} quantized")
 
 
-def _rename(weights: dict[str, mx.array], path: Path) -> dict[str, mx.array]:
-    """GGUF tensor names -> mlx-lm names (`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`)."""
+def _rename(weights: dict[str, mx.array], family: Family, config: dict, path: Path) -> dict[str, mx.array]:
+    """GGUF tensor names -> mlx-lm names (`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`),
+    by the gguf name map applied to every parameter the mlx-lm model of this config has."""
+    names = name_map(family, config)
+    inverse = {gguf_name(names, key): key for key in _parameter_names(config)}
     renamed, unknown = {}, []
     for name, value in weights.items():
         base, suffix = name.rsplit(".", 1)  # suffix: weight, bias, or scales/biases of a quantized weight
-        parts = base.split(".")
-        if base in TOP_LEVEL:
-            renamed[f"{TOP_LEVEL[base]}.{suffix}"] = value
-        elif len(parts) == 3 and parts[0] == "blk" and parts[2] in PER_LAYER:
-            renamed[f"model.layers.{parts[1]}.{PER_LAYER[parts[2]]}.{suffix}"] = value
-        elif base == "rope_freqs":
-            renamed[name] = value  # read into the config by _config, not a model weight
-        else:
+        key = inverse.get(name)
+        if key is None and suffix in ("scales", "biases") and f"{base}.weight" in inverse:
+            key = inverse[f"{base}.weight"].removesuffix("weight") + suffix
+        if key is None:
             unknown.append(name)
+        else:
+            renamed[key] = from_gguf_layout(family, key, value)
     if unknown:
-        raise UserError(f"{path}: unexpected tensors for a llama-family model: {', '.join(sorted(unknown)[:5])}"
-                        f"{' ...' if len(unknown) > 5 else ''}")
+        raise UserError(f"{path}: unexpected tensors for a {family.arch_name} model: "
+                        f"{', '.join(sorted(unknown)[:5])}{' ...' if len(unknown) > 5 else ''}")
+    missing = sorted(set(inverse.values()) - set(renamed))
+    if missing:
+        raise UserError(f"{path}: tensors for {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} are "
+                        "missing; the file is incomplete")
     return renamed
 
 
-def _config(meta: dict[str, Any], weights: dict[str, mx.array], arch: str, path: Path) -> dict[str, Any]:
+def _parameter_names(config: dict) -> list[str]:
+    """The weight names of the mlx-lm model for `config` (the arrays are never computed)."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes
+
+    model_class, args_class = _get_classes(config)
+    return [name for name, _ in tree_flatten(model_class(args_class.from_dict(config)).parameters())]
+
+
+def _config(meta: dict[str, Any], weights: dict[str, mx.array], family: Family, path: Path) -> dict[str, Any]:
+    arch = family.arch_name
+
     def get(key: str, default: Any = None) -> Any:
         return meta.get(f"{arch}.{key}", default)
 
     if get("expert_count"):
         raise UserError(f"{path}: mixture-of-experts GGUF models are not supported (expert_count "
-                        f"{get('expert_count')}); supported: dense llama-family and qwen2 models")
-    model_type, hf_class, rope_traditional = ARCHITECTURES[arch]
+                        f"{get('expert_count')}); supported: dense {SUPPORTED_ARCHITECTURES} models")
     hidden, heads = get("embedding_length"), get("attention.head_count")
     if not hidden or not heads or not get("block_count"):
         raise UserError(f"{path}: GGUF metadata lacks {arch}.embedding_length / attention.head_count / "
                         "block_count; the file is incomplete")
-    embed = weights.get("model.embed_tokens.weight")
+    embed = weights.get("token_embd.weight")
     if embed is None:
         raise UserError(f"{path}: no token_embd.weight tensor; the file is incomplete")
     config = {
-        "architectures": [hf_class],
-        "model_type": model_type,
+        "architectures": [family.hf_class],
+        "model_type": family.model_type,
         "hidden_size": hidden,
         "num_hidden_layers": get("block_count"),
         "intermediate_size": get("feed_forward_length"),
         "num_attention_heads": heads,
         "num_key_value_heads": get("attention.head_count_kv", heads),
-        "head_dim": get("attention.key_length") or get("rope.dimension_count") or hidden // heads,
+        "head_dim": get("attention.key_length") or _rope_head_dim(get, family) or hidden // heads,
         "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-5),
         "rope_theta": get("rope.freq_base", 10000.0),
-        "rope_traditional": rope_traditional,
         "max_position_embeddings": get("context_length", 4096),
         "vocab_size": embed.shape[0],
-        "tie_word_embeddings": "lm_head.weight" not in weights,
+        "tie_word_embeddings": "output.weight" not in weights,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
     }
+    config.update(family.read_config(get, config))
     scaling = _rope_scaling(get, weights.pop("rope_freqs.weight", None), config, path)
     if scaling:
         config["rope_scaling"] = scaling
     return config
+
+
+def _rope_head_dim(get, family: Family) -> int | None:
+    """A llama's rotary dimension is its head size (older converters wrote no key_length)."""
+    return get("rope.dimension_count") if family.permutes_qk else None
 
 
 def _rope_scaling(get, freq_factors: mx.array | None, config: dict, path: Path) -> dict | None:
