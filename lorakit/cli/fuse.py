@@ -90,4 +90,14 @@ def _render(result: FuseResult, settings: S) -> None:
         console.print(f"re-quantization error: max logit difference {err.max:.3g}, mean {err.mean:.3g}, "
                       f"top-1 agreement {err.top1_agreement:.1%}")
     if result.gguf is not None:
-        console.print(f"gguf: {result.gguf.path} ({result.gguf.size_bytes / 1e6:.1f} MB, {result.gguf.type})")
+        console.print(f"gguf: {result.gguf.path} ({result.gguf.size_bytes / 1e6:.1f} MB, {result.gguf.type}); "
+                      f"Ollama: {result.gguf.modelfile}")
+        if result.gguf.check is not None:
+            check = result.gguf.check
+            console.print(f"gguf checked: max logit difference {check.max_logit_diff:.3g} vs the fused model "
+                          f"(tolerance {check.tolerance:.3g}), top-1 agreement {check.top1_agreement:.1%}, greedy "
+                          f"agreement {check.greedy_agreement:.1%} over {check.greedy_tokens} tokens")
+    if result.gguf_adapter is not None:
+        lora = result.gguf_adapter
+        console.print(f"gguf adapter: {lora.path} ({lora.size_bytes / 1e6:.1f} MB, {lora.tensors} LoRA pairs, "
+                      f"alpha {lora.alpha:g}); Ollama: {lora.modelfile}")
