@@ -202,7 +202,10 @@ class TrainSettings(SeedOption, ModelOptions):
     dpo_loss: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description="DPO loss: sigmoid, ipo, hinge.")
     max_seq_length: int = Field(2048, gt=1, description="Truncate examples to this many tokens.")
     pack: bool = Field(False, description="Pack several examples per row (no cross-example attention).")
-    batch_size: int = Field(4, gt=0, description="Examples (rows when packing) per step.")
+    batch_size: int = Field(4, gt=0, description="Examples (rows when packing) per step; unset: autofit's budget.")
+    batch_tokens: int | None = Field(
+        None, gt=0, description="Token budget per micro-batch (rows x padded length; default: autofit's)."
+    )
     grad_accumulation_steps: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
     iters: int | None = Field(None, gt=0, le=10**12, description="Optimizer steps to train (overrides --epochs).")
     epochs: float | None = Field(
@@ -221,9 +224,12 @@ class TrainSettings(SeedOption, ModelOptions):
     max_grad_norm: float | None = Field(None, gt=0, description="Clip the global gradient norm to this.")
     grad_checkpoint: bool = Field(False, description="Recompute activations in backward to save memory.")
     max_memory: float | None = Field(
-        None, gt=0, description="Memory budget in GB: above it MLX waits for queued work to free memory "
-                                "(default: MLX's own limit)."
+        None, gt=0, description="Memory budget in GB the run must fit (default: what the device reports usable)."
     )
+    autofit: bool = Field(
+        True, description="Choose packing, batch layout, checkpointing, accumulation: fastest that fits."
+    )
+    plan: bool = Field(False, description="Measure the run and print its plan (memory, speed, time); no training.")
     fast_qlora: bool = Field(
         True, description="Quantized base: de-quantize each weight just before its matmul (CPU, CUDA; not Metal)."
     )

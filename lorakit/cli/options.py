@@ -19,7 +19,7 @@ from lorakit.settings import Common, ModelOptions, RenderingOptions, SamplingOpt
 
 SHORT = {"model": "-m", "out": "-o", "output": "-o", "prompt": "-p", "input": "-i", "quiet": "-q"}
 # False-default bools that switch an action on: `--overwrite`, never `--overwrite/--no-overwrite`.
-PLAIN_FLAGS = {"json_output", "quiet", "debug", "overwrite", "trust_remote_code", "resume"}
+PLAIN_FLAGS = {"json_output", "quiet", "debug", "overwrite", "trust_remote_code", "resume", "plan"}
 
 
 def opt(cls: type[Common | SeedOption | SamplingOptions | RenderingOptions], name: str, **kwargs: Any) -> Any:

@@ -104,6 +104,7 @@ class RichReporter(Reporter):
         self.console = err_console()
         self.progress: Progress | None = None
         self.task_id: Any = None
+        self.task = ""
 
     def log(self, message: str) -> None:
         if not self.quiet:
@@ -119,6 +120,11 @@ class RichReporter(Reporter):
         self.progress = FittedProgress(console=self.console, transient=False)
         self.progress.start()
         self.task_id = self.progress.add_task(task, total=total, values=_values(fields))
+        self.task = task
+
+    def phase(self, text: str | None) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task_id, description=f"{self.task} ({text})" if text else self.task)
 
     def advance(self, n: int = 1, **fields: Any) -> None:
         if self.progress is not None:

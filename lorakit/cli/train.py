@@ -26,8 +26,11 @@ from lorakit.cli.options import (
 from lorakit.settings import TrainSettings as S
 
 if TYPE_CHECKING:
+    from rich.table import Table
+
     from lorakit.engine.reporter import Reporter
     from lorakit.engine.train import TrainResult
+    from lorakit.engine.training.plan import TrainPlan
 
 
 EXAMPLE = "lorakit train -m M --data data/support --adapter-path runs/s --iters 300"
@@ -51,6 +54,7 @@ def command(
     max_seq_length: Annotated[int | None, opt(S, "max_seq_length")] = None,
     pack: Annotated[bool | None, opt(S, "pack")] = None,
     batch_size: Annotated[int | None, opt(S, "batch_size")] = None,
+    batch_tokens: Annotated[int | None, opt(S, "batch_tokens")] = None,
     grad_accumulation_steps: Annotated[int | None, opt(S, "grad_accumulation_steps")] = None,
     iters: Annotated[int | None, opt(S, "iters")] = None,
     epochs: Annotated[float | None, opt(S, "epochs")] = None,
@@ -63,6 +67,8 @@ def command(
     max_grad_norm: Annotated[float | None, opt(S, "max_grad_norm")] = None,
     grad_checkpoint: Annotated[bool | None, opt(S, "grad_checkpoint")] = None,
     max_memory: Annotated[float | None, opt(S, "max_memory")] = None,
+    autofit: Annotated[bool | None, opt(S, "autofit")] = None,
+    plan: Annotated[bool | None, opt(S, "plan")] = None,
     fast_qlora: Annotated[bool | None, opt(S, "fast_qlora")] = None,
     lean_activations: Annotated[bool | None, opt(S, "lean_activations")] = None,
     steps_per_report: Annotated[int | None, opt(S, "steps_per_report")] = None,
@@ -96,11 +102,22 @@ def _run(settings: S, reporter: Reporter) -> TrainResult:
     return engine.run(settings, reporter)
 
 
-def _hint(result: TrainResult) -> str:
+def _hint(result: TrainResult | TrainPlan) -> str:
+    from lorakit.engine.training.plan import TrainPlan
+
+    if isinstance(result, TrainPlan):
+        return "to train as planned, run the same command without --plan"
     return f"see the run: lorakit report {shlex.quote(result.adapter_path)}"
 
 
-def _render(result: TrainResult, settings: S) -> None:
+def _render(result: TrainResult | TrainPlan, settings: S) -> None:
+    from lorakit.engine.training.plan import TrainPlan
+
+    if isinstance(result, TrainPlan):
+        from lorakit.cli.reporting import out_console
+
+        out_console().print(_plan_table(result))
+        return
     def loss(value: float | None) -> str:
         return "-" if value is None else f"{value:.4f}"
 
@@ -109,3 +126,14 @@ def _render(result: TrainResult, settings: S) -> None:
                f"-> {loss(result.final_val_loss)}, best {loss(result.best_val_loss)} at step {result.best_step}")
     typer.echo(f"adapter: {result.adapter_path}" + (f" (best: {result.best_path})" if result.best_path else ""))
     typer.echo(f"report: {result.report_file}  metrics: {result.metrics_file}  curve: {result.loss_curve}")
+
+
+def _plan_table(plan: TrainPlan) -> Table:
+    from rich.table import Table
+
+    table = Table(title="lorakit train --plan", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for name, value in plan.rows():
+        table.add_row(name, value)
+    return table

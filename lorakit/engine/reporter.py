@@ -20,6 +20,9 @@ class Reporter:
     def advance(self, n: int = 1, **fields: Any) -> None:
         """Move the current progress bar by n and update its displayed fields."""
 
+    def phase(self, text: str | None) -> None:
+        """What the current progress bar is busy with beyond its units (e.g. "compiling"); None: done."""
+
     def finish(self) -> None:
         """End the current progress bar."""
 
@@ -62,3 +65,6 @@ class RecordingReporter(Reporter):
 
     def on_token(self, text: str) -> None:
         self.events.append(("token", text))
+
+    def phase(self, text: str | None) -> None:
+        self.events.append(("phase", text))

@@ -7,6 +7,7 @@ checkpoint; `lorakit.engine.training.trainer.Trainer` then runs the loop.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import time
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+import yaml
 from mlx import nn
 from mlx.utils import tree_flatten
 
@@ -26,10 +28,13 @@ from lorakit.engine.model.loading import LoadedModel, load_model
 from lorakit.engine.model.losses import loss_head
 from lorakit.engine.model.qlora import helps_here, use_dequantized_matmuls
 from lorakit.engine.reporter import Reporter
+from lorakit.engine.training import fit
+from lorakit.engine.training.layout import Layout, free_fields
 from lorakit.engine.training.lean import use_lean_swiglu
 from lorakit.engine.training.objective import Objective, objective_for, reference_logps
 from lorakit.engine.training.optimizer import make_optimizer
 from lorakit.engine.training.output import RunOutput, remove_leftovers
+from lorakit.engine.training.plan import TrainPlan, predict
 from lorakit.engine.training.result import CURVE, METRICS, REPORT, SETTINGS_FILE, RunSizes, TrainResult
 from lorakit.engine.training.speedups import use_grad_checkpoint, use_mixed_precision_lora
 from lorakit.engine.training.state import TrainState
@@ -42,15 +47,19 @@ __all__ = ["CURVE", "METRICS", "REPORT", "SETTINGS_FILE", "TrainResult", "run", 
            "use_mixed_precision_lora"]
 
 
-def run(settings: TrainSettings, reporter: Reporter) -> TrainResult:
+def run(settings: TrainSettings, reporter: Reporter) -> TrainResult | TrainPlan:
+    """Train (or, with --plan, measure the run and return its plan, writing nothing)."""
     wall_start = time.perf_counter()
     world = dist.world()  # under mlx.launch: this rank of the data-parallel group (else a group of one)
     reporter = world.reporter(reporter)
     dist.check_batch_size(settings.batch_size, world)
+    settings = _without_autofit_when_distributed(settings, world, reporter)
+    if settings.plan:
+        return _plan_only(settings, reporter, world)
     # Before anything is written: an --adapter-path that is, holds or sits in an input would swallow it.
     check_output_location(settings.adapter_path, "--adapter-path",
                           [("--data", settings.data), ("--model", settings.model)])
-    with _adapter_path_lock(settings.adapter_path, world), _memory_limit(settings.max_memory):
+    with _adapter_path_lock(settings.adapter_path, world):
         return _run(settings, reporter, world, wall_start)
 
 
@@ -80,6 +89,52 @@ def _adapter_path_lock(out: Path, world: dist.World) -> Iterator[None]:
         yield
 
 
+def _without_autofit_when_distributed(settings: TrainSettings, world: dist.World,
+                                      reporter: Reporter) -> TrainSettings:
+    """Under mlx.launch every rank must lay out batches alike: no per-rank measuring, fixed-size batches."""
+    if not world.is_distributed:
+        return settings
+    if settings.batch_tokens is not None:
+        raise UserError(f"--batch-tokens: token budgets give batches of uneven rows, which do not split over "
+                        f"{world.size} processes; use --batch-size under mlx.launch")
+    if free_fields(settings):
+        reporter.log("autofit is off under mlx.launch: the layout is your --batch-size, --pack, "
+                     "--grad-accumulation-steps and --grad-checkpoint")
+    return settings.model_copy(update={"autofit": False})
+
+
+def _plan_only(settings: TrainSettings, reporter: Reporter, world: dist.World) -> TrainPlan:
+    """--plan: load and measure as the run would, predict it, write nothing."""
+    split_path(settings.data, "train")
+    loaded = load_model(settings, reporter)
+    head = loss_head(loaded.model)
+    train_set, valid_set = _load_splits(settings, loaded, reporter)
+    _add_adapters(settings, loaded, train_set)
+    reporter.log("measuring the run's steps (--plan)")
+    choice = fit.choose(_fixed_for_preferences(settings, train_set), loaded.model, head, train_set, timed=True)
+    settings = settings.model_copy(update=choice.layout.update())
+    batches = _plan_batches(settings, train_set, None, world, reporter)
+    return predict(choice, batches.plan, batches.total_steps)
+
+
+def _choose_layout(settings: TrainSettings, loaded: LoadedModel, head: str | None, train_set: Split,
+                   resume_ckpt: Path | None, reporter: Reporter) -> TrainSettings:
+    """The settings with the run's layout: autofit's choice, or the resumed run's own."""
+    settings = _fixed_for_preferences(settings, train_set)
+    if resume_ckpt is not None:
+        settings = _saved_layout(settings, resume_ckpt)
+    choice = fit.choose(settings, loaded.model, head, train_set, timed=False)
+    _show_choice(choice, reporter)
+    gc.collect()
+    mx.reset_peak_memory()  # the run's peak is training's (not the model load's, nor the probe's)
+    return settings.model_copy(update=choice.layout.update())
+
+
+def _fixed_for_preferences(settings: TrainSettings, train_set: Split) -> TrainSettings:
+    """Preference pairs have their own batches (PairPlan: --batch-size pairs, never packed): no autofit."""
+    return settings.model_copy(update={"autofit": False}) if train_set.format == "preference" else settings
+
+
 def _run(settings: TrainSettings, reporter: Reporter, world: dist.World, wall_start: float) -> TrainResult:
     resume_ckpt, clear = _start_point(settings, reporter)
     split_path(settings.data, "train")  # fail on a wrong --data before the (slow) model load
@@ -89,6 +144,7 @@ def _run(settings: TrainSettings, reporter: Reporter, world: dist.World, wall_st
     objective = objective_for(settings, train_set, valid_set, head, reporter)
     references = _references(objective, settings, loaded, head, train_set, valid_set, reporter)
     lora_parameters, adapter_cfg = _add_adapters(settings, loaded, train_set)
+    settings = _choose_layout(settings, loaded, head, train_set, resume_ckpt, reporter)
     batches = _plan_batches(settings, train_set, valid_set, world, reporter, references)
     optimizer = make_optimizer(settings, batches.total_steps)
     optimizer.init(loaded.model.trainable_parameters())
@@ -105,7 +161,8 @@ def _run(settings: TrainSettings, reporter: Reporter, world: dist.World, wall_st
         trainer = Trainer(settings, reporter, world=world, loaded=loaded, head=head, adapter_cfg=adapter_cfg,
                           optimizer=optimizer, batches=batches, state=state, sizes=sizes,
                           resumed_from=resume_ckpt, wall_start=wall_start, output=output, objective=objective)
-        return trainer.train()
+        with _memory_limit(settings.max_memory):  # after autofit's probes: they measure the natural peak
+            return trainer.train()
 
 
 def _start_point(settings: TrainSettings, reporter: Reporter) -> tuple[Path | None, bool]:
@@ -171,9 +228,33 @@ def _add_adapters(settings: TrainSettings, loaded: LoadedModel, train_set: Split
         use_dequantized_matmuls(loaded.model)
     if settings.lean_activations:
         use_lean_swiglu(loaded.model, loaded.config)
-    if settings.grad_checkpoint:
-        use_grad_checkpoint(loaded.model)
-    return lora_parameters, adapter_cfg
+    return lora_parameters, adapter_cfg  # gradient checkpointing comes with the layout (fit.choose)
+
+
+def _saved_layout(settings: TrainSettings, checkpoint: Path) -> TrainSettings:
+    """A resumed run keeps the layout it started with (its batches are what the checkpoint's position counts):
+    the fields no flag sets come from the run's lorakit.yaml (a run from before autofit: fixed batches)."""
+    free = free_fields(settings)
+    run_dir = checkpoint.parent.parent if checkpoint.parent.name == ckpt.CHECKPOINTS else checkpoint.parent
+    saved = {}
+    for path in (run_dir / SETTINGS_FILE, settings.adapter_path / SETTINGS_FILE):
+        if path.is_file():
+            saved = yaml.safe_load(path.read_text()) or {}
+            break
+    before_autofit = Layout(pack=False, batch_size=settings.batch_size, batch_tokens=None,
+                            grad_accumulation_steps=1, grad_checkpoint=False)
+    update = {name: saved.get(name, getattr(before_autofit, name)) for name in free}
+    return settings.model_copy(update={**update, "autofit": False})
+
+
+def _show_choice(choice: fit.Choice, reporter: Reporter) -> None:
+    if not choice.by_autofit:
+        return
+    measured = (f"; measured peak {choice.measured.peak_bytes / 1e9:.2f} GB of {choice.budget_bytes / 1e9:.2f} GB"
+                if choice.measured else "")
+    reporter.log(f"autofit: {choice.layout.flags()}{measured}")
+    for reason in choice.reasons:
+        reporter.log(f"  {reason}")
 
 
 def _references(objective: Objective, settings: TrainSettings, loaded: LoadedModel, head: str | None,
@@ -195,7 +276,7 @@ def _plan(settings: TrainSettings, split: Split, reference: np.ndarray | None) -
         return PairPlan(split.examples, settings.batch_size, settings.max_seq_length, seed=settings.seed,
                         reference=reference)
     return BatchPlan(split.examples, settings.batch_size, settings.max_seq_length, pack=settings.pack,
-                     seed=settings.seed)
+                     seed=settings.seed, batch_tokens=settings.batch_tokens)
 
 
 def _plan_batches(settings: TrainSettings, train_set: Split, valid_set: Split | None, world: dist.World,
@@ -282,9 +363,17 @@ def _show_start(settings: TrainSettings, loaded: LoadedModel, lora_parameters: d
                         f"{train_set.loss_tokens:,} trained")),
         ("valid data", f"{valid_set.records} {valid_set.unit}, {len(batches.val)} batches per eval"
          if valid_set else "none"),
-        ("batches", (f"{s.batch_size} x {s.grad_accumulation_steps} accumulation = "
-                     f"{s.batch_size * s.grad_accumulation_steps} effective"
-                     f"{', packed' if s.pack else ''}; {micro_per_epoch} per epoch")),
+        ("batches", _batches_row(s, micro_per_epoch)),
         ("steps", (f"{total_steps} ({total_steps / batches.steps_per_epoch:.2f} epochs), "
                    f"lr {s.learning_rate:g} {s.lr_schedule}, {s.optimizer}")),
     ])
+
+
+def _batches_row(s: TrainSettings, micro_per_epoch: int) -> str:
+    if s.batch_tokens is None:
+        size = (f"{s.batch_size} x {s.grad_accumulation_steps} accumulation = "
+                f"{s.batch_size * s.grad_accumulation_steps} effective")
+    else:
+        size = f"up to {s.batch_tokens:,} tokens x {s.grad_accumulation_steps} accumulation"
+    extras = [name for name, on in (("packed", s.pack), ("grad checkpoint", s.grad_checkpoint)) if on]
+    return f"{size}{''.join(', ' + e for e in extras)}; {micro_per_epoch} per epoch"

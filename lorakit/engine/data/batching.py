@@ -3,7 +3,9 @@
 - Rows: one example per row, or with `pack` several examples per row (best-fit decreasing) whose inputs
   fill at most max_seq_length positions, kept apart in attention by `PackedMask` (the per-layer stand-in
   cache that mlx-lm models consult for their attention mask).
-- Batches: rows sorted by length and cut into batches of `batch_size`, so each batch pads little. The
+- Batches: rows sorted by length and cut into batches of `batch_size`, so each batch pads little; or, with
+  a token budget (`batch_tokens`), as many rows per batch as fit in rows x padded length <= budget, so a
+  batch of short examples holds many of them and each step carries about the same number of tokens. The
   order of batches is a permutation drawn from (seed, epoch), so any position (epoch, index) can be
   resumed without stored RNG state.
 - Shapes are rounded up to buckets (8 per octave, at least 32; multiples of 128 from 512 up) so the
@@ -107,11 +109,30 @@ def _pack(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+def _width(longest: int, max_seq_length: int) -> int:
+    """Tokens per row of a batch whose longest row holds `longest` tokens (inputs and the last target)."""
+    return min(bucket(longest - 1), max_seq_length) + 1
+
+
+def _budget_batches(rows: list[list[int]], lengths: list[int], budget: int, max_seq_length: int
+                    ) -> list[list[list[int]]]:
+    """Consecutive rows (sorted by length) per batch while rows x padded length stays within `budget`
+    (a row longer than the budget gets a batch of its own)."""
+    batches: list[list[list[int]]] = []
+    for row, length in zip(rows, lengths):
+        width = _width(length, max_seq_length) - 1
+        if batches and (len(batches[-1]) + 1) * width <= budget:
+            batches[-1].append(row)
+        else:
+            batches.append([row])
+    return batches
+
+
 class BatchPlan:
     """Fixed rows and batches for a split; `order(epoch)` gives that epoch's batch order."""
 
     def __init__(self, examples: list[TokenizedExample], batch_size: int, max_seq_length: int, *, pack: bool = False,
-                 seed: int = 0, shuffle: bool = True) -> None:
+                 seed: int = 0, shuffle: bool = True, batch_tokens: int | None = None) -> None:
         self.examples = examples
         self.pack = pack
         self.seed = seed
@@ -121,9 +142,22 @@ class BatchPlan:
         # a packed row holds max_seq_length + 1 tokens: its inputs (all but the last) fill max_seq_length
         rows = _pack(lengths, max_seq_length + 1) if pack else [[i] for i in range(len(examples))]
         row_len = [sum(lengths[i] for i in row) for row in rows]
-        rows = [rows[r] for r in sorted(range(len(rows)), key=lambda r: (row_len[r], r))]
+        by_length = sorted(range(len(rows)), key=lambda r: (row_len[r], r))
+        rows = [rows[r] for r in by_length]
         self.rows = rows
-        self.batches = [rows[i: i + batch_size] for i in range(0, len(rows), batch_size)]
+        if batch_tokens is None:
+            self.batches = [rows[i: i + batch_size] for i in range(0, len(rows), batch_size)]
+        else:
+            self.batches = _budget_batches(rows, [row_len[r] for r in by_length], batch_tokens, max_seq_length)
+
+    def width(self, b: int) -> int:
+        """The padded length (inputs) of batch b."""
+        longest = max(sum(self.examples[i].length for i in row) for row in self.batches[b])
+        return _width(longest, self.max_seq_length) - 1
+
+    def shapes(self) -> set[tuple[int, int]]:
+        """The distinct (rows, padded length) of the batches: each is one compilation of the step."""
+        return {(len(self.batches[b]), self.width(b)) for b in range(len(self.batches))}
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -147,8 +181,7 @@ class BatchPlan:
     def build_rows(self, rows: list[list[int]]) -> Batch:
         """A padded batch of these rows (each a list of example numbers packed into one row)."""
         seqs = [[self.examples[i] for i in row] for row in rows]
-        longest = max(sum(e.length for e in row) for row in seqs)
-        width = min(bucket(longest - 1), self.max_seq_length) + 1
+        width = _width(max(sum(e.length for e in row) for row in seqs), self.max_seq_length)
         tokens = np.zeros((len(rows), width), np.int32)
         mask = np.zeros((len(rows), width), bool)
         segments = np.zeros((len(rows), width), np.int32)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorakit.engine.model import checkpoint as ckpt
+from lorakit.engine.training.layout import Layout, smaller_layout
 from lorakit.engine.training.result import SETTINGS_FILE
 from lorakit.errors import RunError
 from lorakit.settings import TrainSettings
@@ -45,11 +46,13 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, MemoryError) or "memory" in str(e).lower() or "bad_alloc" in str(e)
 
 
-def oom_error(e: BaseException, settings: TrainSettings, step: int) -> RunError:
-    hints = [(f"--batch-size {max(1, settings.batch_size // 2)} --grad-accumulation-steps "
-              f"{settings.grad_accumulation_steps * 2} (same effective batch)")]
-    if not settings.grad_checkpoint:
-        hints.append("--grad-checkpoint")
+def oom_error(e: BaseException, settings: TrainSettings, step: int, lengths: list[int]) -> RunError:
+    """Exit 1 for an out-of-memory step: the layout that ran out, the next smaller one autofit measures, and
+    the other settings that save memory."""
+    hints = []
+    smaller = smaller_layout(settings, lengths)
+    if smaller is not None:
+        hints.append(f"{smaller.flags()} (the next smaller layout, same tokens per optimizer step)")
     hints.append(f"--max-seq-length {max(2, settings.max_seq_length // 2)}")
     if settings.num_layers < 0 or settings.num_layers > 8:
         hints.append("--num-layers 8")
@@ -57,7 +60,9 @@ def oom_error(e: BaseException, settings: TrainSettings, step: int) -> RunError:
         hints.append("--fine-tune-type lora")
     if not settings.quantize:
         hints.append("--quantize 4")
-    return RunError(f"out of memory at step {step} ({e}). Try: " + "; ".join(hints))
+    plan = "lorakit train --plan --max-memory GB (what this machine can give) shows the layout that fits"
+    return RunError(f"out of memory at step {step} ({e}) with {Layout.of(settings).flags()}. "
+                    f"Try: {'; '.join(hints)}. Or: {plan}. The checkpoints saved so far are kept.")
 
 
 def nonfinite_error(settings: TrainSettings, step: int, what: str, *, out: Path, last_good: Path | None,

@@ -50,6 +50,10 @@ class TrainResult:
     loss_curve: str
     report_file: str
     world_size: int = 1  # processes under mlx.launch (data-parallel ranks)
+    warmup_s: float = 0.0  # in steps that compiled a new batch shape (this process's part of the run)
+    compiled_shapes: int = 0
+    steady_tokens_per_second: float | None = None  # the steps that compiled nothing
+    layout: str = ""  # the flags of the batch layout (autofit's choice or the user's)
 
     def __post_init__(self) -> None:
         # report.json and --json stay strict JSON: a NaN or inf is reported as null
@@ -65,9 +69,16 @@ class TrainResult:
                           f"(best {_fmt(self.best_val_loss)} at step {self.best_step})")),
             ("train loss", _fmt(self.final_train_loss)),
             ("tokens", f"{self.trained_tokens:,} trained, {self.tokens_per_second:,.1f}/s overall"),
+            ("speed", f"{_speed(self.steady_tokens_per_second)} after {self.warmup_s:.1f} s warm-up "
+                      f"({self.compiled_shapes} shapes compiled)"),
+            ("layout", self.layout),
             ("peak memory", f"{self.peak_memory_gb:.3f} GB"),
             ("wall time", f"{self.wall_time_s:.1f} s"),
         ]
+
+
+def _speed(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f} tokens/s"
 
 
 def _fmt(value: float | None) -> str:

@@ -18,6 +18,7 @@ from lorakit.engine.model.adapters import ADAPTER_FILE, save_adapter
 from lorakit.engine.model.loading import LoadedModel
 from lorakit.engine.reporter import Reporter
 from lorakit.engine.training import failures
+from lorakit.engine.training.layout import Layout
 from lorakit.engine.training.loss_curve import write_loss_curve
 from lorakit.engine.training.metrics_log import MetricsLog
 from lorakit.engine.training.objective import Objective
@@ -25,6 +26,7 @@ from lorakit.engine.training.output import RunOutput
 from lorakit.engine.training.result import CURVE, METRICS, REPORT, SETTINGS_FILE, RunSizes, TrainResult
 from lorakit.engine.training.state import LastSeen, ReportWindow, TrainState
 from lorakit.engine.training.steps import compile_steps
+from lorakit.engine.training.warmup import Warmup
 from lorakit.errors import Interrupted, RunError
 from lorakit.io import write_json
 from lorakit.settings import TrainSettings
@@ -64,6 +66,7 @@ class Trainer:
         self.accuracy: float | None = None  # DPO/ORPO: the last reported validation (or train) reward accuracy
         self.train_batches = batches.plan.iterate(state.epoch, state.batch_index)
         self.window, self.last = ReportWindow(), LastSeen()
+        self.warmup, self.compiling = Warmup(), False
         self.resume_step = self.last_saved = state.step if resumed_from else None
         # The newest checkpoint is unverified until a step has run on its weights with a finite loss and
         # gradient; till then the one before it is kept too, and an --overwrite run stays staged.
@@ -96,7 +99,8 @@ class Trainer:
             raise self.on_interrupt() from None
         except (MemoryError, RuntimeError) as e:
             if failures.is_oom(e):
-                raise failures.oom_error(e, self.settings, self.state.step + 1) from None
+                raise failures.oom_error(e, self.settings, self.state.step + 1,
+                                         [x.length for x in self.batches.plan.examples]) from None
             raise
         self.reporter.finish()
         return self._finish()
@@ -133,7 +137,10 @@ class Trainer:
         self.in_step = True
         # The RNG (dropout) follows from (seed, step) alone, so a resumed run draws the same numbers.
         mx.random.seed((self.settings.seed * 1_000_003 + self.state.step) % 2**63)
+        self.compiling = False
         loss_sum, ntoks, grad_norm, nonfinite = self._micro_batches()
+        if self.compiling:
+            self.reporter.phase(None)
         # Totals over all ranks; a Ctrl-C seen by any rank stops all of them after the same step.
         loss_sum, ntoks, self.stops_everywhere = self.world.sum_floats(loss_sum, ntoks,
                                                                        float(self.stop.requested))
@@ -146,6 +153,7 @@ class Trainer:
         self.state.trained_tokens += int(ntoks)
         self.grad_norm = grad_norm
         self.window.add(loss_sum, int(ntoks), time.perf_counter() - tic)
+        self.warmup.add(time.perf_counter() - tic, int(ntoks), self.compiling)
 
     def _micro_batches(self) -> tuple[float, float, float, int]:
         """Forward and backward over the step's micro-batches, then the update.
@@ -158,6 +166,9 @@ class Trainer:
         for micro in range(accum):
             epoch, index, batch = next(self.train_batches)
             arrays = self.last_batch = batch.to_mx()
+            if self.warmup.is_new(arrays):
+                self.compiling = True
+                self.reporter.phase("compiling")
             if accum == 1:
                 loss, n, stats, norm, bad = steps.full(arrays)
                 mx.eval(steps.state, loss, n, stats, norm, bad)
@@ -369,7 +380,13 @@ class Trainer:
             stopped_early=self.stopped_early,
             resumed_from=str(self.resumed_from) if self.resumed_from else None,
             metrics_file=str(out / METRICS), loss_curve=str(out / CURVE), report_file=str(out / REPORT),
-            world_size=self.world.size, **asdict(self.sizes))
+            world_size=self.world.size, warmup_s=round(self.warmup.seconds, 3),
+            compiled_shapes=len(self.warmup.seen), steady_tokens_per_second=self._steady_speed(),
+            layout=Layout.of(self.settings).flags(), **asdict(self.sizes))
+
+    def _steady_speed(self) -> float | None:
+        speed = self.warmup.steady_tokens_per_second
+        return None if speed is None else round(speed, 2)
 
     def elapsed(self) -> float:
         return self.prior_elapsed + time.perf_counter() - self.wall_start

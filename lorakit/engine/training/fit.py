@@ -1,0 +1,108 @@
+"""Autofit: the fastest layout that fits --max-memory, chosen by measuring steps (lorakit.engine.training.probe).
+
+Candidates come from lorakit.engine.training.layout, fastest first; the first whose measured peak stays under
+HEADROOM x the budget is the run's. Fields the user set are never changed; with none left to choose (or
+--no-autofit) nothing is measured unless --plan asks for the numbers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+from mlx import nn
+
+from lorakit.engine.data.batching import BatchPlan
+from lorakit.engine.data.tokenized import Split
+from lorakit.engine.training.layout import Layout, candidates, free_fields, packing, step_tokens
+from lorakit.engine.training.probe import Measured, measure
+from lorakit.engine.training.speedups import use_grad_checkpoint
+from lorakit.errors import UserError
+from lorakit.settings import TrainSettings
+
+HEADROOM = 0.9  # other batch shapes and validation may need a little more than the probed one
+
+
+@dataclass
+class Choice:
+    layout: Layout
+    budget_bytes: int
+    by_autofit: bool
+    measured: Measured | None = None  # the chosen layout's probe (None: not measured)
+    tried: list[tuple[Layout, Measured]] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+
+
+def usable_memory() -> int:
+    """Bytes the device reports as safely usable (Metal: the recommended working set; else 90% of its memory,
+    or MLX's own limit on the CPU, whichever is lower than the RAM available now)."""
+    info = mx.device_info()
+    if info.get("max_recommended_working_set_size"):
+        return int(info["max_recommended_working_set_size"])
+    for key in ("total_memory", "memory_size"):
+        if info.get(key):
+            return int(0.9 * info[key])
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") + mx.get_active_memory()
+    except (ValueError, OSError):
+        available = mx.get_memory_limit()
+    return int(min(mx.get_memory_limit(), available))
+
+
+def choose(settings: TrainSettings, model: nn.Module, head: str | None, train_set: Split,
+           timed: bool) -> Choice:
+    """The layout to train with (grad checkpointing applied to `model` when it needs it)."""
+    lengths = [e.length for e in train_set.examples]
+    budget = int(settings.max_memory * 1e9) if settings.max_memory else usable_memory()
+    options = candidates(settings, lengths)
+    choice = Choice(layout=options[0], budget_bytes=budget, by_autofit=len(options) > 1 or bool(
+        free_fields(settings)), reasons=_data_reasons(settings, lengths))
+    if len(options) == 1 and not timed:
+        _apply(model, options[0], settings)
+        return choice
+    for layout in options:
+        _apply(model, layout, settings)
+        plan = layout_plan(settings, train_set, layout)
+        measured = measure(model, head, settings, plan, layout.grad_accumulation_steps, timed)
+        choice.tried.append((layout, measured))
+        if not measured.out_of_memory and (measured.peak_bytes <= HEADROOM * budget or len(options) == 1):
+            choice.layout, choice.measured = layout, measured
+            return choice
+    raise _too_small(settings, budget, choice.tried, lengths)
+
+
+def layout_plan(settings: TrainSettings, train_set: Split, layout: Layout) -> BatchPlan:
+    return BatchPlan(train_set.examples, settings.batch_size, settings.max_seq_length, pack=layout.pack,
+                     seed=settings.seed, batch_tokens=layout.batch_tokens)
+
+
+def _apply(model: nn.Module, layout: Layout, settings: TrainSettings) -> None:
+    """Checkpointing goes on once (candidates never turn it off again); it stays off when unasked."""
+    if layout.grad_checkpoint and not getattr(model, "_lorakit_checkpointed", False):
+        use_grad_checkpoint(model)
+        model._lorakit_checkpointed = True
+
+
+def _data_reasons(settings: TrainSettings, lengths: list[int]) -> list[str]:
+    free = free_fields(settings)
+    budgeted = {"batch_size", "batch_tokens"} <= free
+    reasons = [packing(settings, lengths)[1]] if "pack" in free and budgeted else []
+    if budgeted:
+        reasons.append(f"token budgets keep --batch-size {settings.batch_size} x "
+                       f"{settings.grad_accumulation_steps} examples' worth of tokens per optimizer step "
+                       f"({step_tokens(settings, lengths):,})")
+    return reasons
+
+
+def _too_small(settings: TrainSettings, budget: int, tried: list[tuple[Layout, Measured]],
+               lengths: list[int]) -> UserError:
+    """Exit 2: even the smallest layout does not fit; name the budget that would."""
+    ran = [(m.peak_bytes, layout.flags()) for layout, m in tried if not m.out_of_memory]
+    peak, flags = min(ran) if ran else (0, "")
+    enough = float(f"{peak * 1.1 / HEADROOM / 1e9:.2g}") * 1.1  # a margin: peaks vary a little run to run
+    need = (f"the smallest layout ({flags}) measured {peak / 1e9:.3g} GB, so pass --max-memory {enough:.2g} "
+            "or more" if ran else "even the smallest layout ran out of memory")
+    return UserError(f"--max-memory {budget / 1e9:.3g} GB is too small for this run: {need}; or lower "
+                     f"--max-seq-length (now {settings.max_seq_length}, longest example {max(lengths)} tokens), "
+                     "--lora-rank or --num-layers, or quantize the base (--quantize 4)")

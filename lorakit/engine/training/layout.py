@@ -1,0 +1,160 @@
+"""How a run's batches are laid out, and the layouts autofit tries, fastest first.
+
+A layout is packing, the size of a micro-batch (a token budget, or a number of rows), gradient accumulation
+and gradient checkpointing. Every candidate keeps the effective batch the user asked for:
+- no --batch-size or --batch-tokens given: micro-batches get a token budget, --batch-size x accumulation
+  examples of the split's mean (padded) length per optimizer step. A long-tailed split then gets steps of
+  about the same size (a batch of short examples holds many of them) and about as many optimizer steps per
+  epoch as fixed batches give, which keeps learning rates and schedules comparable;
+- --batch-size given: exactly that many rows per optimizer step (accumulation splits them evenly).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, replace
+
+from lorakit.engine.data.batching import bucket
+from lorakit.settings import TrainSettings
+
+FIELDS = ("pack", "batch_size", "batch_tokens", "grad_accumulation_steps", "grad_checkpoint")
+MAX_ACCUMULATION = 64
+
+
+@dataclass(frozen=True)
+class Layout:
+    pack: bool
+    batch_size: int  # rows per micro-batch when batch_tokens is None
+    batch_tokens: int | None
+    grad_accumulation_steps: int
+    grad_checkpoint: bool
+
+    @classmethod
+    def of(cls, settings: TrainSettings) -> Layout:
+        return cls(**{name: getattr(settings, name) for name in FIELDS})
+
+    def update(self) -> dict:
+        """The settings fields this layout sets."""
+        return {name: getattr(self, name) for name in FIELDS}
+
+    def flags(self) -> str:
+        """The flags that ask for this layout."""
+        size = f"--batch-tokens {self.batch_tokens}" if self.batch_tokens else f"--batch-size {self.batch_size}"
+        return " ".join(["--pack" if self.pack else "--no-pack", size,
+                         f"--grad-accumulation-steps {self.grad_accumulation_steps}",
+                         "--grad-checkpoint" if self.grad_checkpoint else "--no-grad-checkpoint"])
+
+
+def free_fields(settings: TrainSettings) -> set[str]:
+    """The layout fields autofit may choose: those no flag, env variable or config file set."""
+    if not settings.autofit:
+        return set()
+    return set(FIELDS) - settings.model_fields_set
+
+
+def packing(settings: TrainSettings, lengths: list[int]) -> tuple[bool, str]:
+    """Whether to pack, and why. Packing pays when lengths spread widely (the longest over twice the median:
+    it saves padding and compilations) and a step's tokens fill at least one row of --max-seq-length."""
+    median, longest = statistics.median(lengths), max(lengths)
+    shape = f"median {median:g}, longest {longest} tokens"
+    if longest <= 2 * median:
+        return False, f"lengths are even ({shape}): not packed"
+    tokens = step_tokens(settings, lengths)
+    if tokens < settings.max_seq_length:
+        return False, (f"lengths are long-tailed ({shape}) but a step's {tokens:,} tokens would not fill one "
+                       f"packed row of --max-seq-length {settings.max_seq_length}: not packed")
+    return True, f"lengths are long-tailed ({shape}): packed into rows of {settings.max_seq_length}"
+
+
+def step_tokens(settings: TrainSettings, lengths: list[int]) -> int:
+    """Tokens per optimizer step the user asked for: --batch-size x accumulation examples of mean length
+    (padded as a batch pads them, since budgets count padded tokens)."""
+    asked = settings.batch_size * settings.grad_accumulation_steps
+    padded = (min(bucket(max(n - 1, 1)), settings.max_seq_length) for n in lengths)
+    return max(1, round(asked * statistics.fmean(padded)))
+
+
+def candidates(settings: TrainSettings, lengths: list[int], free: set[str] | None = None) -> list[Layout]:
+    """The layouts to try, fastest first; the first is the one to use when memory is plentiful.
+
+    Free fields vary (`free` overrides which are): packing is chosen from the data (no probe), then the
+    largest micro-batch without checkpointing, the same with checkpointing, then smaller micro-batches with
+    more accumulation down to one longest row each. Fields the user set stay as set.
+    """
+    free = free_fields(settings) if free is None else free
+    asked = Layout.of(settings)
+    if not free:
+        return [asked]
+    # packing only with token budgets: packed rows of --batch-size would hold far more examples than asked
+    budgeted = {"batch_size", "batch_tokens"} <= free
+    base = replace(asked, pack=packing(settings, lengths)[0]) if "pack" in free and budgeted else asked
+    row = _longest_row(settings, lengths, base.pack)
+    accums = _powers_of_two(MAX_ACCUMULATION) if "grad_accumulation_steps" in free else [
+        asked.grad_accumulation_steps]
+    checkpointing = [False, True] if "grad_checkpoint" in free else [asked.grad_checkpoint]
+    found: list[Layout] = []
+    seen: set[tuple[bool, int]] = set()
+    for ckpt in checkpointing:
+        for accum in accums:
+            layout = _sized(settings, lengths, replace(base, grad_checkpoint=ckpt, grad_accumulation_steps=accum),
+                            free)
+            size = layout and largest_micro_batch(layout, row)
+            if layout and (ckpt, size) not in seen:  # more accumulation that shrinks nothing: no use
+                seen.add((ckpt, size))
+                found.append(layout)
+            if ckpt != checkpointing[-1]:
+                break  # without checkpointing only the largest micro-batch: checkpointing saves more first
+    return found
+
+
+def _sized(settings: TrainSettings, lengths: list[int], layout: Layout, free: set[str]) -> Layout | None:
+    """`layout` with its micro-batch size for its accumulation (None: the asked rows do not split evenly)."""
+    accum, asked_accum = layout.grad_accumulation_steps, settings.grad_accumulation_steps
+    if {"batch_size", "batch_tokens"} <= free:  # token budgets
+        return replace(layout, batch_tokens=-(-step_tokens(settings, lengths) // accum))
+    if settings.batch_tokens is not None:
+        return layout
+    rows = settings.batch_size * asked_accum
+    return replace(layout, batch_size=rows // accum) if rows % accum == 0 else None
+
+
+def smaller_layout(settings: TrainSettings, lengths: list[int]) -> Layout | None:
+    """The next layout down autofit's ladder from the one in use (packing and tokens per optimizer step as
+    they are): checkpointing first, then smaller micro-batches with more accumulation."""
+    now = Layout.of(settings)
+    row = _longest_row(settings, lengths, now.pack)
+    options = [] if now.grad_checkpoint else [replace(now, grad_checkpoint=True)]
+    for accum in _powers_of_two(MAX_ACCUMULATION):
+        if accum > now.grad_accumulation_steps:
+            options.append(_split(replace(now, grad_checkpoint=True), accum))
+    for layout in options:
+        if layout and (layout.grad_checkpoint > now.grad_checkpoint
+                       or largest_micro_batch(layout, row) < largest_micro_batch(now, row)):
+            return layout
+    return None
+
+
+def _split(layout: Layout, accum: int) -> Layout | None:
+    """The same optimizer step in `accum` micro-batches (None: its rows do not split evenly)."""
+    if layout.batch_tokens is not None:
+        total = layout.batch_tokens * layout.grad_accumulation_steps
+        return replace(layout, batch_tokens=-(-total // accum), grad_accumulation_steps=accum)
+    rows = layout.batch_size * layout.grad_accumulation_steps
+    return replace(layout, batch_size=rows // accum, grad_accumulation_steps=accum) if rows % accum == 0 else None
+
+
+def largest_micro_batch(layout: Layout, row: int) -> int:
+    """About the most padded tokens one micro-batch holds (`row`: padded tokens of the longest row)."""
+    if layout.batch_tokens is None:
+        return layout.batch_size * row
+    return max(1, layout.batch_tokens // row) * row if layout.pack else max(layout.batch_tokens, row)
+
+
+def _longest_row(settings: TrainSettings, lengths: list[int], pack: bool) -> int:
+    """Padded tokens of the longest row (a full one when packing): no micro-batch can be smaller."""
+    longest = settings.max_seq_length if pack else min(max(lengths), settings.max_seq_length + 1) - 1
+    return min(bucket(max(longest, 1)), settings.max_seq_length)
+
+
+def _powers_of_two(limit: int) -> list[int]:
+    return [2 ** k for k in range(limit.bit_length()) if 2 ** k <= limit]
