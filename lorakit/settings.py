@@ -23,7 +23,7 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 from lorakit.builtin_templates import BUILTIN_TEMPLATES
 from lorakit.errors import UserError
 
-COMMANDS = ("prepare", "train", "eval", "generate", "fuse", "report")
+COMMANDS = ("prepare", "train", "eval", "generate", "fuse", "report", "models")
 TEMPLATES = tuple(BUILTIN_TEMPLATES)
 TARGET_PRESETS = {
     "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -394,6 +394,10 @@ class FuseSettings(ModelOptions):
     overwrite: bool = Field(False, description="Replace an existing --out.")
 
 
+class ModelsSettings(Common):
+    """`lorakit models` lists the cache; it has only the common flags."""
+
+
 class ReportSettings(Common):
     paths: CommaList = Field(description="Prepared data directories, training runs (--adapter-path) and eval "
                                          "outputs (a run brings its data and its eval-* outputs along).")
@@ -413,6 +417,7 @@ SETTINGS: dict[str, type[Common]] = {
     "generate": GenerateSettings,
     "fuse": FuseSettings,
     "report": ReportSettings,
+    "models": ModelsSettings,
 }
 
 

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from lorakit.cli import eval as eval_command  # the module name would hide the builtin
-from lorakit.cli import fuse, generate, prepare, report, train
+from lorakit.cli import fuse, generate, models, prepare, report, train
 from lorakit.cli.help import Command
 
 app = typer.Typer(
@@ -63,6 +63,7 @@ COMMAND_TABLE = (  # name, module, the line `lorakit --help` shows
     ("generate", generate, "Text from a base model, an adapter or a fused model."),
     ("fuse", fuse, "Merge the adapter into the base: mlx-lm, Hugging Face and GGUF."),
     ("report", report, "One HTML page: data, loss tokens, curves, evals, generations."),
+    ("models", models, "Model directories converted from .gguf files (for mlx-lm)."),
 )
 for _name, _module, _summary in COMMAND_TABLE:
     app.command(_name, cls=Command, epilog=_module.EXAMPLE, short_help=_summary)(_module.command)

@@ -72,7 +72,9 @@ def adapter_config(settings: Any, loaded: LoadedModel, lora_parameters: dict,
     from lorakit.settings import settings_dict
 
     num_layers = len(loaded.model.layers) if settings.num_layers < 0 else settings.num_layers
-    section: dict[str, Any] = {"settings": settings_dict(settings), "base": base_signature(loaded.config)}
+    section: dict[str, Any] = {"settings": settings_dict(settings), "base": base_signature(loaded.config),
+                               # the mlx-lm directory of the weights (a .gguf's converted one: `lorakit models`)
+                               "model_dir": str(Path(loaded.path).resolve())}
     if rendering is not None:
         section["rendering"] = rendering
     return {
