@@ -136,3 +136,58 @@ def test_the_imported_config_is_the_family_config(exports):
     imported = load_model(FuseSettings(model=str(path))).config
     for key in ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "head_dim"):
         assert imported[key] == pytest.approx(source[key]), key
+
+
+TEXTS = ["The quick brown fox.", "  spaces   and\ttabs\n\n", "émoji 😀 中文", "<|im_start|>user\nhi<|im_end|>",
+         "Numbers 0 1 2 42 2024 3.14"]
+
+
+def transformers_gguf():
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torch")
+    if not transformers.utils.is_gguf_available():
+        pytest.skip("transformers here cannot read GGUF files (the gguf package is missing or too old for it)")
+    return transformers
+
+
+# What transformers' GGUF reader (5.x) does not read back, so it computes another model than llama.cpp does:
+TRANSFORMERS_GGUF_GAPS = {
+    "qwen3": "transformers' GGUF reader ignores qwen3.attention.key_length (head_dim stays 128; here 16)",
+    "gemma2": "transformers' GGUF reader leaves query_pre_attn_scalar at 256 (llama.cpp uses head_dim, here 16)",
+}
+
+
+def load_or_skip(auto_class, path, family, **kwargs):
+    try:
+        return auto_class.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+    except ValueError as e:
+        if "is not supported yet" not in str(e):
+            raise
+        pytest.skip(f"transformers cannot load a {ARCH[family]} GGUF ({e})")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_transformers_gguf_tokenizer_matches_lorakits(family, exports):
+    """The hand-kept GGUF tokenizer rebuild (gguf_tokenizer.py) against transformers' own GGUF loader."""
+    transformers = transformers_gguf()
+    _, _, path = exports(family)
+    ours = load_model(FuseSettings(model=str(path))).tokenizer
+    theirs = load_or_skip(transformers.AutoTokenizer, path, family)
+    for text in TEXTS:
+        assert ours.encode(text) == theirs.encode(text), text
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_transformers_reads_the_export_like_the_fused_model(family, exports):
+    """transformers undoes llama.cpp's q/k permutation and Gemma's norm offset itself: an independent check."""
+    transformers = transformers_gguf()
+    import torch
+
+    if family in TRANSFORMERS_GGUF_GAPS:
+        pytest.skip(TRANSFORMERS_GGUF_GAPS[family])
+    _, out, path = exports(family)
+    ours, ids = fused_logits(out)
+    model = load_or_skip(transformers.AutoModelForCausalLM, path, family, dtype=torch.float32)
+    with torch.no_grad():
+        theirs = model(torch.tensor([ids])).logits[0].float().numpy()
+    assert np.abs(ours - theirs).max() < 0.02 * max(np.abs(ours).max(), 1.0)

@@ -185,7 +185,7 @@ def _add_tokenizer(writer: gguf.GGUFWriter, directory: Path, vocab_size: int,
                         "tokenizer.json nor a SentencePiece tokenizer.model; llama.cpp cannot use it")
     special = gguf.SpecialVocab(directory, load_merges=kind == "gpt2", n_vocab=vocab_size)
     special.add_to_gguf(writer, quiet=True)
-    if "add_bos" not in special.add_special_token:
+    if "bos" not in special.add_special_token:
         writer.add_add_bos_token(False)  # say it: llama.cpp otherwise guesses per tokenizer kind
     return kind, pre
 
