@@ -58,22 +58,9 @@ FAMILIES = {
 }
 
 
-def tiny_model_dir(path: str | Path, *, seed: int = 0, hidden_size: int = 64, num_layers: int = 2,
-                   vocab_size: int = 384, tie_word_embeddings: bool = True, quantize_bits: int | None = None,
-                   dtype: str = "float32", family: str = "llama", random_norms: bool = False) -> Path:
-    """Write a tiny model directory of one of FAMILIES, loadable by mlx_lm.load (and lorakit's loader).
-    `random_norms` draws the RMSNorm weights around 1 (else all 1), so a norm stored wrongly shows."""
-    from lorakit.blas import preload
-
-    preload()  # OpenBLAS before mlx is first imported: keep above the mlx imports
-    import mlx.core as mx
-    import mlx.nn as nn
-    from mlx.utils import tree_flatten, tree_map_with_path
-    from mlx_lm.utils import _get_classes
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(vocab_size)
+def _tiny_config(tok, hidden_size: int, num_layers: int, tie_word_embeddings: bool, dtype: str,
+                 family: str) -> dict:
+    """config.json of a tiny model of `family`: 4 heads (2 for keys and values), an MLP twice as wide."""
     config = {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
@@ -96,6 +83,26 @@ def tiny_model_dir(path: str | Path, *, seed: int = 0, hidden_size: int = 64, nu
     config.update(FAMILIES[family], model_type=family)
     if family == "gemma2":
         config["query_pre_attn_scalar"] = config["head_dim"]
+    return config
+
+
+def tiny_model_dir(path: str | Path, *, seed: int = 0, hidden_size: int = 64, num_layers: int = 2,
+                   vocab_size: int = 384, tie_word_embeddings: bool = True, quantize_bits: int | None = None,
+                   dtype: str = "float32", family: str = "llama", random_norms: bool = False) -> Path:
+    """Write a tiny model directory of one of FAMILIES, loadable by mlx_lm.load (and lorakit's loader).
+    `random_norms` draws the RMSNorm weights around 1 (else all 1), so a norm stored wrongly shows."""
+    from lorakit.blas import preload
+
+    preload()  # OpenBLAS before mlx is first imported: keep above the mlx imports
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten, tree_map_with_path
+    from mlx_lm.utils import _get_classes
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(vocab_size)
+    config = _tiny_config(tok, hidden_size, num_layers, tie_word_embeddings, dtype, family)
     mx.random.seed(seed)
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))

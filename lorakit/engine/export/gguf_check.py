@@ -51,8 +51,9 @@ def check_gguf(path: Path, config: dict, weights: dict[str, mx.array], prompts: 
     same = sum(_common_prefix(_greedy(fused, ids), _greedy(written, ids)) for ids in prompts)
     max_diff = max(float(g.max()) for g in gaps)
     tolerance = TOLERANCE[gguf_type] * max(max(float(mx.abs(a).max()) for a in ours), 1.0)
+    mean_diff = sum(float(g.sum()) for g in gaps) / sum(g.size for g in gaps)
     return GgufCheck(passed=max_diff <= tolerance, prompts=len(prompts), positions=positions,
-                     max_logit_diff=max_diff, mean_logit_diff=sum(float(g.sum()) for g in gaps) / sum(g.size for g in gaps),
+                     max_logit_diff=max_diff, mean_logit_diff=mean_diff,
                      top1_agreement=top1 / positions, greedy_agreement=same / (GREEDY_TOKENS * len(prompts)),
                      greedy_tokens=GREEDY_TOKENS, tolerance=tolerance)
 
