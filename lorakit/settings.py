@@ -202,7 +202,7 @@ class TrainSettings(SeedOption, ModelOptions):
     dpo_loss: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description="DPO loss: sigmoid, ipo, hinge.")
     max_seq_length: int = Field(2048, gt=1, description="Truncate examples to this many tokens.")
     pack: bool = Field(False, description="Pack several examples per row (no cross-example attention).")
-    batch_size: int = Field(4, gt=0, description="Examples (rows when packing) per step; unset: autofit's budget.")
+    batch_size: int = Field(4, gt=0, description="Examples per step (rows with --pack): the effective batch.")
     batch_tokens: int | None = Field(
         None, gt=0, description="Token budget per micro-batch (rows x padded length; default: autofit's)."
     )

@@ -138,11 +138,16 @@ def test_resume_keeps_the_layout_autofit_chose(tiny_model, data, tmp_path):
     assert saved_layout(straight) == saved_layout(resumed)
 
 
-def test_explicit_batch_size_keeps_its_rows(tiny_model, data, tmp_path):
+def test_batch_size_sets_the_tokens_per_step_and_pack_keeps_its_rows(tiny_model, data, tmp_path):
+    budgeted = train.run(settings(tiny_model, data, tmp_path / "a", batch_size=8, plan=True), RecordingReporter())
+    four = train.run(settings(tiny_model, data, tmp_path / "a", batch_size=4, plan=True), RecordingReporter())
+    assert "--batch-tokens 1040" in budgeted.layout and "--batch-tokens 520" in four.layout
+    assert budgeted.tokens_per_step > 1.5 * four.tokens_per_step  # less than 2x: longest rows go alone
     out = tmp_path / "run"
-    result = train.run(settings(tiny_model, data, out, batch_size=4), RecordingReporter())
-    assert saved_layout(out)["batch_tokens"] is None and saved_layout(out)["batch_size"] == 4
-    assert "--batch-size 4" in result.layout
+    result = train.run(settings(tiny_model, data, out, pack=True, batch_size=2, max_seq_length=512),
+                       RecordingReporter())
+    assert saved_layout(out)["batch_tokens"] is None and saved_layout(out)["batch_size"] == 2
+    assert result.layout.startswith("--pack --batch-size 2")
 
 
 def test_warm_up_is_shown_and_reported_apart(tiny_model, data, tmp_path):

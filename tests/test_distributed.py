@@ -65,7 +65,7 @@ def _write_data(directory: Path, n_train: int = 24, n_valid: int = 8) -> Path:
 
 def _train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--model", str(model), "--data", str(data), "--adapter-path", str(out),
-            "--iters", "6", "--batch-size", "4", "--learning-rate", "1e-3", "--seed", "3",
+            "--iters", "6", "--batch-size", "4", "--no-autofit", "--learning-rate", "1e-3", "--seed", "3",
             "--steps-per-report", "2", "--steps-per-eval", "3", "--val-batches", "2", "--save-every", "3",
             "--max-seq-length", "64", "--json", *extra]
 

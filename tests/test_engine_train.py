@@ -41,7 +41,8 @@ def write_data(path, train_rows, valid_rows=None):
 
 
 def settings(model, data, out, **kw):
-    base = {"model": str(model), "data": data, "adapter_path": out, "batch_size": 4, "iters": 4,
+    # fixed rows of --batch-size (tests/test_autofit.py covers autofit's layouts)
+    base = {"model": str(model), "data": data, "adapter_path": out, "batch_size": 4, "autofit": False, "iters": 4,
             "learning_rate": 1e-3, "steps_per_report": 2, "steps_per_eval": 2, "save_every": 2, "quiet": True}
     return TrainSettings(**{**base, **kw})
 

@@ -15,7 +15,7 @@ from mlx import nn
 
 from lorakit.engine.data.batching import BatchPlan
 from lorakit.engine.data.tokenized import Split
-from lorakit.engine.training.layout import Layout, candidates, free_fields, packing, step_tokens
+from lorakit.engine.training.layout import Layout, budgets, candidates, free_fields, packing, step_tokens
 from lorakit.engine.training.probe import Measured, measure
 from lorakit.engine.training.speedups import use_grad_checkpoint
 from lorakit.errors import UserError
@@ -86,7 +86,7 @@ def _apply(model: nn.Module, layout: Layout, settings: TrainSettings) -> None:
 
 def _data_reasons(settings: TrainSettings, lengths: list[int]) -> list[str]:
     free = free_fields(settings)
-    budgeted = {"batch_size", "batch_tokens"} <= free
+    budgeted = budgets(free)
     reasons = [packing(settings, lengths)[1]] if "pack" in free and budgeted else []
     if budgeted:
         reasons.append(f"token budgets keep --batch-size {settings.batch_size} x "

@@ -1,12 +1,14 @@
 """How a run's batches are laid out, and the layouts autofit tries, fastest first.
 
 A layout is packing, the size of a micro-batch (a token budget, or a number of rows), gradient accumulation
-and gradient checkpointing. Every candidate keeps the effective batch the user asked for:
-- no --batch-size or --batch-tokens given: micro-batches get a token budget, --batch-size x accumulation
-  examples of the split's mean (padded) length per optimizer step. A long-tailed split then gets steps of
-  about the same size (a batch of short examples holds many of them) and about as many optimizer steps per
-  epoch as fixed batches give, which keeps learning rates and schedules comparable;
-- --batch-size given: exactly that many rows per optimizer step (accumulation splits them evenly).
+and gradient checkpointing. Every candidate keeps the effective batch the user asked for with --batch-size
+and --grad-accumulation-steps:
+- micro-batches get a token budget: that many examples of the split's mean (padded) length per optimizer
+  step. A long-tailed split then gets steps of about the same size (a batch of short examples holds many of
+  them) and about as many optimizer steps per epoch as fixed batches give, which keeps learning rates and
+  schedules comparable;
+- with --pack given (or --no-autofit): --batch-size rows per optimizer step, as asked (accumulation splits
+  them evenly).
 """
 
 from __future__ import annotations
@@ -43,6 +45,12 @@ class Layout:
         return " ".join(["--pack" if self.pack else "--no-pack", size,
                          f"--grad-accumulation-steps {self.grad_accumulation_steps}",
                          "--grad-checkpoint" if self.grad_checkpoint else "--no-grad-checkpoint"])
+
+
+def budgets(free: set[str]) -> bool:
+    """Whether micro-batches get token budgets: unless the user packs (then --batch-size counts packed rows,
+    and autofit packing rows of --batch-size would hold far more examples than asked) or sets a budget."""
+    return {"pack", "batch_tokens"} <= free
 
 
 def free_fields(settings: TrainSettings) -> set[str]:
@@ -85,8 +93,7 @@ def candidates(settings: TrainSettings, lengths: list[int], free: set[str] | Non
     asked = Layout.of(settings)
     if not free:
         return [asked]
-    # packing only with token budgets: packed rows of --batch-size would hold far more examples than asked
-    budgeted = {"batch_size", "batch_tokens"} <= free
+    budgeted = budgets(free)
     base = replace(asked, pack=packing(settings, lengths)[0]) if "pack" in free and budgeted else asked
     row = _longest_row(settings, lengths, base.pack)
     accums = _powers_of_two(MAX_ACCUMULATION) if "grad_accumulation_steps" in free else [
@@ -110,7 +117,7 @@ def candidates(settings: TrainSettings, lengths: list[int], free: set[str] | Non
 def _sized(settings: TrainSettings, lengths: list[int], layout: Layout, free: set[str]) -> Layout | None:
     """`layout` with its micro-batch size for its accumulation (None: the asked rows do not split evenly)."""
     accum, asked_accum = layout.grad_accumulation_steps, settings.grad_accumulation_steps
-    if {"batch_size", "batch_tokens"} <= free:  # token budgets
+    if budgets(free):
         return replace(layout, batch_tokens=-(-step_tokens(settings, lengths) // accum))
     if settings.batch_tokens is not None:
         return layout
