@@ -1,7 +1,8 @@
 """Reading a .gguf file safely with the `gguf` package: the header first, then tensors de-quantized to float.
 
 MLX's own GGUF reader (`mx.load`) crashes the process on a garbage or truncated file, so every file is checked
-here before it reaches MLX: the magic and version, then the `gguf` reader's parse of every tensor's extent.
+here before it reaches MLX: the magic and version (on every load), then the `gguf` reader's parse of every
+tensor's extent (before converting).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ VERSIONS = (2, 3)  # what llama.cpp and the gguf package read
 
 
 def check_header(path: Path, flag: str = "--model") -> None:
-    """Refuse a file that is not a complete GGUF (exit 2) before MLX reads it."""
+    """Refuse a file that is not a GGUF of a version llama.cpp reads (exit 2); cheap: the first 8 bytes.
+    `open_reader` checks the rest (every tensor inside the file) before MLX reads any."""
     try:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -32,7 +34,6 @@ def check_header(path: Path, flag: str = "--model") -> None:
     if version not in VERSIONS:
         raise UserError(f"{flag} {path}: GGUF version {version} is not supported (supported: "
                         f"{', '.join(map(str, VERSIONS))}); re-convert it with a current llama.cpp")
-    open_reader(path, flag)
 
 
 def open_reader(path: Path, flag: str = "--model"):
