@@ -94,6 +94,7 @@ def test_the_gguf_check_ran_and_passed(family, exports):
     result, _, _ = exports(family)
     check = result.gguf.check
     assert check.passed and check.max_logit_diff <= check.tolerance and check.positions > 0
+    assert check.layout_max_diff <= check.layout_tolerance, check
     # f16 rounding flips near-ties of a random model's flat distributions now and then, never most of them
     assert check.top1_agreement >= 0.9 and check.greedy_agreement >= 0.25 and check.greedy_tokens == 16, check
 
@@ -120,14 +121,19 @@ def test_every_type_is_written_and_checked(gguf_type, tmp_path, monkeypatch):
     np.testing.assert_array_equal(gguf.quants.dequantize(stored.data, matrix), expected)
     check = result.gguf.check
     assert check.passed and 0 < check.max_logit_diff <= check.tolerance, check
+    assert check.layout_max_diff <= check.layout_tolerance < check.max_logit_diff, check  # rounding is not layout
 
 
-def test_a_wrong_layout_fails_the_check_and_ships_nothing(tmp_path, monkeypatch):
-    """Without llama.cpp's q/k permutation the file computes another function: exit 1, no GGUF, no --out."""
+@pytest.mark.parametrize("gguf_type", ["f16", "q4_0"])
+def test_a_wrong_layout_fails_the_check_and_ships_nothing(gguf_type, tmp_path, monkeypatch):
+    """Without llama.cpp's q/k permutation the file computes another function: exit 1, no GGUF, no --out. At
+    4 bits the drift bound alone could not tell (here it is lifted); the comparison with the rounded weights can."""
     monkeypatch.setattr(gguf_export, "to_gguf_layout", lambda family, key, value, config: value)
-    with pytest.raises(RunError, match=r"GGUF check failed: .*llama.gguf \(f16\) .* max logit difference"):
-        export(tmp_path, "llama")
-    assert not (tmp_path / "llama-f16").exists() and not list((tmp_path / "llama-f16-gguf").iterdir())
+    monkeypatch.setitem(gguf_check.TOLERANCE, "q4_0", 100.0)
+    with pytest.raises(RunError, match=rf"GGUF check failed: .*llama.gguf \({gguf_type}\) .* rounded to {gguf_type} "
+                                       r"in memory by [0-9.]+ \(tolerance [0-9.]+: above it the file's layout is wrong"):
+        export(tmp_path, "llama", gguf_type)
+    assert not (tmp_path / f"llama-{gguf_type}").exists() and not list((tmp_path / f"llama-{gguf_type}-gguf").iterdir())
 
 
 def test_the_imported_config_is_the_family_config(exports):

@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gguf
 import mlx.core as mx
 import numpy as np
 
-from lorakit.engine.export.gguf_check import GgufCheck
 from lorakit.engine.export.gguf_families import (
     BY_MODEL_TYPE,
     Family,
@@ -31,6 +31,9 @@ from lorakit.engine.export.gguf_families import (
 )
 from lorakit.engine.reporter import Reporter
 from lorakit.errors import UserError
+
+if TYPE_CHECKING:
+    from lorakit.engine.export.gguf_check import GgufCheck
 
 SUPPORTED_MODEL_TYPES = tuple(BY_MODEL_TYPE)
 Q = gguf.GGMLQuantizationType
@@ -110,8 +113,7 @@ def export_gguf(weights: dict[str, mx.array], config: dict, tokenizer_dir: Path,
         if data.ndim == 1:  # norms and biases stay float32, as llama.cpp's converter keeps them
             writer.add_tensor(target, data)
         else:
-            wide = target in WIDE_TENSORS and matrix_type in NARROW_TYPES
-            encoded, tensor_type = _encode(data, Q.Q8_0 if wide else matrix_type)
+            encoded, tensor_type = encode_matrix(target, data, matrix_type)
             writer.add_tensor(target, encoded, raw_dtype=tensor_type)
         reporter.advance()
     reporter.finish()
@@ -124,9 +126,11 @@ def export_gguf(weights: dict[str, mx.array], config: dict, tokenizer_dir: Path,
                       tensors=len(weights), tokenizer_model=tokenizer_model, tokenizer_pre=pre)
 
 
-def _encode(data: np.ndarray,
-            qtype: gguf.GGMLQuantizationType) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
-    """Quantize one matrix; rows a block type cannot split into blocks fall back to f16 (as llama.cpp does)."""
+def encode_matrix(target: str, data: np.ndarray,
+                  matrix_type: gguf.GGMLQuantizationType) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    """One matrix as stored: the embedding/output stay Q8_0 under 4/5-bit types; rows a block type cannot
+    split into blocks fall back to f16 (as llama.cpp does)."""
+    qtype = Q.Q8_0 if target in WIDE_TENSORS and matrix_type in NARROW_TYPES else matrix_type
     try:
         return gguf.quants.quantize(data, qtype), qtype
     except gguf.QuantError:

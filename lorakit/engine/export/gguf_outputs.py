@@ -138,6 +138,8 @@ def _check(path: Path, inputs: GgufInputs, settings: FuseSettings) -> GgufCheck:
         raise RunError(
             f"GGUF check failed: {settings.export_gguf} ({settings.gguf_type}) read back differs from the fused "
             f"model by {check.max_logit_diff:.4g} max logit difference (tolerance {check.tolerance:.4g}), top-1 "
-            f"agreement {check.top1_agreement:.1%}, greedy agreement {check.greedy_agreement:.1%}; nothing was "
-            "written. Try a wider --gguf-type (q8_0 or f16), or rerun with --debug and report it")
+            f"agreement {check.top1_agreement:.1%}, greedy agreement {check.greedy_agreement:.1%}; from the fused "
+            f"model rounded to {settings.gguf_type} in memory by {check.layout_max_diff:.4g} (tolerance "
+            f"{check.layout_tolerance:.4g}: above it the file's layout is wrong, a bug to report with --debug). "
+            "Nothing was written. For the rounding alone, try a wider --gguf-type (q8_0 or f16)")
     return check
