@@ -386,7 +386,9 @@ class FuseSettings(ModelOptions):
     gguf_adapter: Path | None = Field(
         None, description="Also write the adapter alone as a GGUF LoRA (llama.cpp --lora, Ollama ADAPTER)."
     )
-    verify: bool = Field(True, description="Compare fused logits with base+adapter; fail on mismatch.")
+    verify: bool = Field(
+        True, description="Compare fused logits with base+adapter, and the GGUF read back; fail on mismatch."
+    )
     verify_tolerance: float | None = Field(
         None, gt=0,
         description="Largest max logit difference --verify accepts (default: scaled by the dtype).",

@@ -96,7 +96,8 @@ def _render(result: FuseResult, settings: S) -> None:
             check = result.gguf.check
             console.print(f"gguf checked: max logit difference {check.max_logit_diff:.3g} vs the fused model "
                           f"(tolerance {check.tolerance:.3g}), top-1 agreement {check.top1_agreement:.1%}, greedy "
-                          f"agreement {check.greedy_agreement:.1%} over {check.greedy_tokens} tokens")
+                          f"agreement {check.greedy_agreement:.1%} over {check.greedy_tokens} tokens; layout "
+                          f"{check.layout_max_diff:.2g} (tolerance {check.layout_tolerance:.2g})")
     if result.gguf_adapter is not None:
         lora = result.gguf_adapter
         console.print(f"gguf adapter: {lora.path} ({lora.size_bytes / 1e6:.1f} MB, {lora.tensors} LoRA pairs, "
