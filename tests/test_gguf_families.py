@@ -123,6 +123,15 @@ def test_every_type_is_written_and_checked(gguf_type, tmp_path, monkeypatch):
     assert check.passed and 0 < check.max_logit_diff <= check.tolerance, check
     assert check.layout_max_diff <= check.layout_tolerance < check.max_logit_diff, check  # rounding is not layout
 
+    # lorakit's import keeps Q4_0/Q4_1/Q8_0 MLX-quantized (mx.load) and de-quantizes the rest (gguf.quants):
+    # either way the same function as the gguf package's float read of the file
+    loaded = load_model(FuseSettings(model=str(path)))
+    assert ("quantization" in loaded.config) == (gguf_type in ("q8_0", "q4_0", "q4_1"))
+    ids = loaded.tokenizer.encode(PROMPT)
+    ours = np.array(loaded.model(mx.array(ids)[None])[0].astype(mx.float32))
+    theirs = np.array(gguf_check.gguf_model(path)(mx.array(ids)[None])[0].astype(mx.float32))
+    assert np.abs(ours - theirs).max() < 0.02 * max(np.abs(theirs).max(), 1.0)
+
 
 @pytest.mark.parametrize("gguf_type", ["f16", "q4_0"])
 def test_a_wrong_layout_fails_the_check_and_ships_nothing(gguf_type, tmp_path, monkeypatch):
