@@ -263,7 +263,7 @@ def test_q5_tensors_are_dequantized_by_the_gguf_package(tiny_model, tmp_path):
     path = write_gguf(tmp_path / "q5.gguf", tiny_model, weight_type="Q5_0")
     reporter = RecordingReporter()
     model_dir = convert_gguf(path, reporter)
-    assert any("type Q5_0 de-quantized to float16" in str(e) for e in reporter.events)
+    assert any("has Q5_0 tensors, which MLX's reader cannot unpack" in str(e) for e in reporter.events)
     stored = mx.load(str(model_dir / "model.safetensors"))["model.layers.0.mlp.up_proj.weight"]
     original = np.array(mx.load(str(tiny_model / "model.safetensors"))["model.layers.0.mlp.up_proj.weight"])
     expected = quants.dequantize(quants.quantize(original, GT.Q5_0), GT.Q5_0)

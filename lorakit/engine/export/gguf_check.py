@@ -88,7 +88,7 @@ def rounded_weights(weights: dict[str, mx.array], config: dict, gguf_type: str) 
 def gguf_model(path: Path) -> nn.Module:
     """The mlx-lm model a GGUF file describes, its tensors de-quantized to float32 by the gguf package."""
     reader = open_reader(path, "--export-gguf")
-    weights = {name: mx.array(value) for name, value in dequantized_tensors(reader).items()}
+    weights = {name: mx.array(value) for name, value in dequantized_tensors(reader)}
     config, weights = to_mlx(metadata(reader), weights, path)
     return build_model(config, weights)
 

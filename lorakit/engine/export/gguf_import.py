@@ -20,7 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from lorakit.engine.export.gguf_families import BY_ARCH, Family, from_gguf_layout, gguf_name, name_map
-from lorakit.engine.export.gguf_read import check_header, dequantized_tensors, open_reader
+from lorakit.engine.export.gguf_read import check_header, dequantized_tensors, metadata, open_reader
 from lorakit.engine.export.gguf_tokenizer import build_tokenizer
 from lorakit.engine.reporter import Reporter
 from lorakit.errors import UserError
@@ -104,19 +104,17 @@ def _read(path: Path, reporter: Reporter) -> tuple[dict[str, mx.array], dict[str
 
 def _read_dequantized(path: Path, kinds: list[str],
                       reporter: Reporter) -> tuple[dict[str, mx.array], dict[str, Any]]:
-    from lorakit.engine.export.gguf_read import metadata
-
     reader = open_reader(path)
+    weights = {}
     try:
-        tensors = dequantized_tensors(reader)
+        for name, value in dequantized_tensors(reader):
+            weights[name] = mx.array(value.astype(np.float32 if value.ndim == 1 else np.float16))
     except NotImplementedError:
         raise UserError(f"{path}: tensor type(s) {', '.join(kinds)} are not supported; supported: {SUPPORTED}. "
                         "Re-quantize it with llama.cpp's llama-quantize (e.g. to Q8_0 or Q4_0) or use an "
                         "F16 GGUF.") from None
-    reporter.warn(f"GGUF tensors of type {', '.join(kinds)} de-quantized to float16: MLX keeps only "
-                  f"{', '.join(KEPT_QUANTIZED)} quantized")
-    weights = {name: mx.array(value.astype(np.float32 if value.ndim == 1 else np.float16))
-               for name, value in tensors.items()}
+    reporter.warn(f"this GGUF has {', '.join(kinds)} tensors, which MLX's reader cannot unpack: all its matrices "
+                  "were de-quantized to float16 by the gguf package")
     return weights, metadata(reader)
 
 

@@ -8,6 +8,7 @@ tensor's extent (before converting).
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +64,10 @@ def _plain(value: Any) -> Any:
     return float(f"{value:.7g}") if isinstance(value, float) else value  # 1e-05, not float32's 9.9999997e-06
 
 
-def dequantized_tensors(reader) -> dict[str, np.ndarray]:
-    """Every tensor as float32 in its logical shape, de-quantized by `gguf.quants` (any type it reads)."""
+def dequantized_tensors(reader) -> Iterator[tuple[str, np.ndarray]]:
+    """Every tensor as float32 in its logical shape, de-quantized by `gguf.quants` (any type it reads), one at
+    a time so a caller can narrow each before the next."""
     from gguf import quants
 
-    return {t.name: quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
-            for t in reader.tensors}
+    for t in reader.tensors:
+        yield t.name, quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
