@@ -46,16 +46,16 @@ class GgufCheck:
 
 def check_gguf(path: Path, config: dict, weights: dict[str, mx.array], prompts: list[list[int]],
                gguf_type: str) -> GgufCheck:
-    """Compare the GGUF at `path` with the fused model (`config` and `weights`, Hugging Face layout)."""
-    fused, written = build_model(config, weights), gguf_model(path)
-    ours = [_logits(fused, ids) for ids in prompts]
-    theirs = [_logits(written, ids) for ids in prompts]
-    rounded = build_model(config, rounded_weights(weights, config, gguf_type))
-    layout = max(float(mx.abs(_logits(rounded, ids) - t).max()) for ids, t in zip(prompts, theirs, strict=True))
+    """Compare the GGUF at `path` with the fused model (`config` and `weights`, Hugging Face layout). One model
+    is held at a time (float32): each is dropped once its logits and greedy tokens are taken."""
+    ours, our_tokens = _outputs(build_model(config, weights), prompts)
+    theirs, their_tokens = _outputs(gguf_model(path), prompts)
+    rounded, _ = _outputs(build_model(config, rounded_weights(weights, config, gguf_type)), prompts, greedy=False)
+    layout = max(float(mx.abs(r - t).max()) for r, t in zip(rounded, theirs, strict=True))
     gaps = [mx.abs(a - b) for a, b in zip(ours, theirs, strict=True)]
     positions = sum(g.shape[0] for g in gaps)
     top1 = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(ours, theirs, strict=True))
-    same = sum(_common_prefix(_greedy(fused, ids), _greedy(written, ids)) for ids in prompts)
+    same = sum(_common_prefix(a, b) for a, b in zip(our_tokens, their_tokens, strict=True))
     max_diff = max(float(g.max()) for g in gaps)
     scale = max(max(float(mx.abs(a).max()) for a in ours), 1.0)
     tolerance, layout_tolerance = TOLERANCE[gguf_type] * scale, LAYOUT_TOLERANCE * scale
@@ -104,17 +104,20 @@ def build_model(config: dict, weights: dict[str, mx.array]) -> nn.Module:
     return model
 
 
-def _logits(model: nn.Module, ids: list[int]) -> mx.array:
-    logits = model(mx.array(ids)[None])[0].astype(mx.float32)
-    mx.eval(logits)
-    return logits
-
-
-def _greedy(model: nn.Module, ids: list[int]) -> list[int]:
+def _outputs(model: nn.Module, prompts: list[list[int]],
+             greedy: bool = True) -> tuple[list[mx.array], list[list[int]]]:
+    """Each prompt's logits, and (with `greedy`) the tokens greedy decoding continues it with."""
     from mlx_lm.generate import generate_step
 
-    steps = generate_step(mx.array(ids), model, max_tokens=GREEDY_TOKENS)
-    return [int(token) for token, _ in steps]
+    logits, tokens = [], []
+    for ids in prompts:
+        out = model(mx.array(ids)[None])[0].astype(mx.float32)
+        mx.eval(out)
+        logits.append(out)
+        if greedy:
+            steps = generate_step(mx.array(ids), model, max_tokens=GREEDY_TOKENS)
+            tokens.append([int(token) for token, _ in steps])
+    return logits, tokens
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
