@@ -141,5 +141,5 @@ def _check(path: Path, inputs: GgufInputs, settings: FuseSettings) -> GgufCheck:
             f"agreement {check.top1_agreement:.1%}, greedy agreement {check.greedy_agreement:.1%}; from the fused "
             f"model rounded to {settings.gguf_type} in memory by {check.layout_max_diff:.4g} (tolerance "
             f"{check.layout_tolerance:.4g}: above it the file's layout is wrong, a bug to report with --debug). "
-            "Nothing was written. For the rounding alone, try a wider --gguf-type (q8_0 or f16)")
+            "Nothing was written. If only the rounding is beyond it, a wider --gguf-type keeps more (f16, bf16, q8_0)")
     return check
