@@ -24,6 +24,6 @@ def test_example_config_sections_override_top_level():
     assert str(fuse.out) == "runs/support/fused"
 
 
-@pytest.mark.parametrize("script", ["quickstart.sh", "judge.sh", "chat.sh"])
+@pytest.mark.parametrize("script", ["quickstart.sh", "judge.sh", "chat.sh", "preference.sh"])
 def test_example_scripts_parse(script):
     subprocess.run(["bash", "-n", str(EXAMPLES / script)], check=True)
