@@ -293,3 +293,30 @@ def test_prepare_writes_pairs_with_length_statistics(tiny_model, tmp_path):
     assert len(written) == 9
     assert all(r["chosen"][0]["role"] == "assistant" and r["rejected"][0]["role"] == "assistant" for r in written)
     assert any(r["chosen"][0]["content"] == "A helpful reply." for r in written)
+
+
+@pytest.mark.parametrize("base,fine_tune_type", [("tiny_model", "dora"), ("tiny_model_q4", "lora")])
+def test_dpo_on_dora_and_qlora_starts_at_its_reference(base, fine_tune_type, pair_data, tmp_path, request):
+    # at step 0 the adapted model computes what the reference did, whatever the adapter kind or base
+    model = request.getfixturevalue(base)
+    out = tmp_path / "run"
+    train.run(_settings(model, pair_data, out, fine_tune_type=fine_tune_type, iters=2, lora_dropout=0.0),
+              RecordingReporter())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in rows if "val_loss" in r)
+    assert first["iteration"] == 0 and first["val_loss"] == pytest.approx(np.log(2), abs=1e-3)
+    assert abs(first["val_reward_margin"]) < 1e-2
+    assert rows[-1]["val_loss"] < first["val_loss"]
+
+
+def test_cli_refuses_mismatched_objective_and_text_output_with_exit_2(tiny_model, pair_data, tmp_path):
+    result = runner.invoke(app, ["train", "-m", str(tiny_model), "--data", str(pair_data), "--adapter-path",
+                                 str(tmp_path / "run"), "--objective", "sft", "--iters", "1"])
+    assert result.exit_code == 2 and "--objective sft" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+    result = runner.invoke(app, ["prepare", str(pair_data / "train.jsonl"), "--out", str(tmp_path / "text"),
+                                 "--format", "text", "--template", "chatml"])
+    assert result.exit_code == 2 and "cannot be rendered as one text" in result.stderr
+    result = runner.invoke(app, ["train", "-m", str(tiny_model), "--data", str(pair_data), "--adapter-path",
+                                 str(tmp_path / "run"), "--beta", "0"])
+    assert result.exit_code == 2 and "--beta" in result.stderr
