@@ -132,9 +132,17 @@ def out_dir(settings: EvalSettings) -> Path:
 
 def generation_parts(raw: dict, where: str, delimiter: str | None = None) -> tuple[str | list[dict], str]:
     """(prompt, reference) of a chat or prompt/completion record (the last assistant turn, or the completion,
-    is the reference), or of a text record split after the last `delimiter` (--prompt-delimiter)."""
+    is the reference), of a preference pair (the chosen reply is the reference), or of a text record split after
+    the last `delimiter` (--prompt-delimiter)."""
     if delimiter is not None:
         return _split_text(raw, where, delimiter)
+    if "chosen" in raw and "rejected" in raw:  # a preference pair: its prompt; the chosen reply is the reference
+        prompt, chosen = raw.get("prompt"), raw.get("chosen")
+        if isinstance(chosen, list) and chosen and isinstance(chosen[-1], dict):
+            chosen = chosen[-1].get("content")
+        if not (isinstance(prompt, (str, list)) and prompt and isinstance(chosen, str)):
+            raise UserError(f"{where}: --generate needs the pair's 'prompt' and its 'chosen' reply (the reference)")
+        return prompt, chosen
     if isinstance(raw.get("messages"), list):
         messages = raw["messages"]
         turns = [i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"]
