@@ -11,7 +11,8 @@ from lorakit.engine.export.gguf_export import export_gguf
 from lorakit.testing import random_adapter_dir, tiny_model_dir
 
 
-def test_models_lists_the_converted_gguf_and_the_adapter_records_it(tmp_path):
+def test_models_lists_the_converted_gguf_and_the_adapter_records_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))  # the session's cache holds other tests' models
     runner = CliRunner()
     empty = runner.invoke(app, ["models", "--json"])
     assert empty.exit_code == 0 and json.loads(empty.stdout)["models"] == []
