@@ -23,7 +23,7 @@ from lorakit.engine.export.gguf_export import GgufExport, check_exportable
 from lorakit.engine.export.gguf_outputs import GgufInputs, GgufTargets, gguf_targets, write_ggufs
 from lorakit.engine.export.hf_export import has_gguf_layout, hf_config, make_tokenizer_portable, to_hf_rows
 from lorakit.engine.model.adapters import load_adapter, read_adapter_config, resolve_adapter_dir
-from lorakit.engine.model.loading import LoadedModel, load_model
+from lorakit.engine.model.loading import LoadedModel, dequantize_float32, load_model
 from lorakit.engine.reporter import Reporter
 from lorakit.errors import RunError, UserError
 from lorakit.io import (
@@ -168,6 +168,8 @@ def _merge(loaded: LoadedModel, settings: FuseSettings, reporter: Reporter) -> _
     reference = _logits(loaded.model, prompts) if settings.verify else None
 
     model = loaded.model
+    if out_dtype == mx.float32:  # de-quantize the base (under the adapters too) in float32, not in its scales' float16
+        dequantize_float32(model)
     layers = _fuse_layers(model)
     reporter.log(f"fused {layers} adapted layers from {adapter_dir}")
     _dequantize(model)

@@ -106,7 +106,7 @@ def load_model(opts: Any, reporter: Reporter | None = None) -> LoadedModel:
     quantized = "quantization" in config
     if dtype:
         if quantized:
-            model = _dequantize(model)
+            model = dequantize_float32(model)
             config.pop("quantization", None)
             config.pop("quantization_config", None)
             reporter.log(f"de-quantized the base to {dtype}")
@@ -126,7 +126,7 @@ def load_model(opts: Any, reporter: Reporter | None = None) -> LoadedModel:
                        source=source)
 
 
-def _dequantize(model: nn.Module) -> nn.Module:
+def dequantize_float32(model: nn.Module) -> nn.Module:
     """mlx-lm's dequantize_model, computed in float32: GGUF scales/biases are float16, and
     de-quantizing in float16 rounds every weight (logits then drift ~0.1 from llama.cpp's)."""
     from mlx_lm.utils import dequantize_model
