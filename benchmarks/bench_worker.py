@@ -76,7 +76,9 @@ def main() -> None:
     else:
         import bench_lorakit
 
-        result.update(bench_lorakit.train(bm, examples, spec))
+        rebuild = lambda: bench_models.build(spec["model"], dtype, seed=spec["seed"],  # noqa: E731
+                                             scratch=Path(spec["scratch"]), quantize=spec.get("quantize"))
+        result.update(bench_lorakit.train(bm, examples, spec, rebuild))
     Path(spec["result"]).write_text(json.dumps(result))
 
 

@@ -4,7 +4,8 @@
 # Usage (repo root, after `source .gpu/b/setup.sh`):
 #   bash benchmarks/gpu_suite.sh [model] [steps] [seconds] [runs]
 # runs: comma list of attention, uniform, longtail, longtail_mask, longtail_pack, longtail_mask_pack,
-#       qlora_block, 8b_bf16, 8b_q4, 8b_q4_budget, uniform_lean (the QLoRA and lean-step runs; 8b_* use the Llama-3.1-8B shape)
+#       qlora_block, 8b_bf16, 8b_q4, 8b_q4_budget, uniform_lean (the QLoRA and lean-step runs; 8b_* use the Llama-3.1-8B shape),
+#       longtail_auto, longtail_mask_auto, uniform_auto (issue 16: lorakit with no layout flags, its --plan beside the run)
 # (default: all, in that order; a run that would start past [seconds], default 530, is skipped).
 # mlx-lm always runs at batch 8; lorakit variants set their own batch (pack: rows of max_len tokens).
 set -u
@@ -40,6 +41,9 @@ for run in ${RUNS//,/ }; do
     8b_q4) bench 8b_q4 $B8 --quantize 4 --trainers mlx-lm,lorakit --variant no-fast-qlora:fast_qlora=false ;;
     8b_q4_budget) bench 8b_q4_budget $B8 --quantize 4 --trainers mlx-lm,lorakit --variant mem30:max_memory=30 \
                     --variant mem24:max_memory=24 ;;
+    longtail_auto) bench longtail_auto $B --data longtail --plan --trainers mlx-lm,lorakit --variant fixed:autofit=false ;;
+    longtail_mask_auto) bench longtail_mask_auto $B --data longtail --mask-prompt --plan --trainers mlx-lm,lorakit ;;
+    uniform_auto) bench uniform_auto $B --data uniform --plan --trainers mlx-lm,lorakit --variant fixed:autofit=false ;;
     uniform_lean) bench uniform_lean $B --data uniform --trainers mlx-lm,lorakit --variant no-lean:lean_activations=false ;;
     *) echo "unknown run: $run" >&2; exit 2 ;;
   esac

@@ -74,9 +74,13 @@ def _summarise(raw: dict, peak_tflops: float | None) -> dict:
     warm = raw["warmup"]
     times, tokens = raw["step_times"][warm:], raw["step_tokens"][warm:]
     tok_s = sum(tokens) / sum(times)
+    # steady state: without the steps that compiled a new shape (over 3x the median step)
+    median = sorted(times)[len(times) // 2]
+    steady = [(t, n) for t, n in zip(times, tokens) if t <= 3 * median]
     row = {
         "trainer": raw["trainer"],
         "tokens_per_s": round(tok_s, 1),
+        "steady_tokens_per_s": round(sum(n for _, n in steady) / sum(t for t, _ in steady), 1),
         "peak_memory_gb": round(raw["peak_memory"] / 1e9, 3),
         "timed_steps": len(times),
         "trained_tokens": int(sum(tokens)),
@@ -88,7 +92,12 @@ def _summarise(raw: dict, peak_tflops: float | None) -> dict:
         "wall_s": raw.get("wall_s"),
         "step_times": [round(t, 4) for t in raw["step_times"]],  # warm-up steps included
         "step_tokens": raw["step_tokens"],
+        "layout": raw.get("layout", ""),
     }
+    if raw.get("plan"):
+        plan = raw["plan"]
+        row["plan"] = {k: plan[k] for k in ("layout", "peak_memory_gb", "step_time_s", "tokens_per_second",
+                                             "compiled_shapes", "compile_time_s", "tried")}
     if peak_tflops:
         row["mfu"] = round(tok_s * raw["flops_per_trained_token"] / (peak_tflops * 1e12), 4)
     return row
@@ -102,6 +111,7 @@ def _ratios(rows: list[dict]) -> dict:
             if other in by:
                 out[f"{mine}/{other}"] = {
                     "tokens_per_s": round(by[mine]["tokens_per_s"] / by[other]["tokens_per_s"], 2),
+                    "steady_tokens_per_s": round(by[mine]["steady_tokens_per_s"] / by[other]["steady_tokens_per_s"], 2),
                     "peak_memory": round(by[mine]["peak_memory_gb"] / by[other]["peak_memory_gb"], 3),
                 }
     return out
@@ -115,22 +125,34 @@ def _render(report: dict) -> None:
     title = (f"{s['model']} {s['dtype']} | {s['data']} mask_prompt={s['mask_prompt']} | batch {s['batch_size']} "
              f"max_len {s['max_len']} | {report['device']}")
     table = Table(title=title)
-    for col in ("trainer", "tokens/s", "peak GB", "MFU", "median step s", "timed steps", "loss first->last", "BLAS"):
+    for col in ("trainer", "tokens/s", "steady", "peak GB", "MFU", "median step s", "timed steps", "loss first->last",
+                "BLAS"):
         table.add_column(col)
     for r in report["results"]:
         if "error" in r:
-            table.add_row(r["trainer"], r["error"], *[""] * 6)
+            table.add_row(r["trainer"], r["error"], *[""] * 7)
             continue
         mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
         loss = f"{r['first_loss']:.3f}->{r['last_loss']:.3f}" if r["first_loss"] is not None else "-"
-        table.add_row(r["trainer"], f"{r['tokens_per_s']:,.0f}", f"{r['peak_memory_gb']:.2f}", mfu,
+        table.add_row(r["trainer"], f"{r['tokens_per_s']:,.0f}", f"{r['steady_tokens_per_s']:,.0f}",
+                      f"{r['peak_memory_gb']:.2f}", mfu,
                       f"{r['step_s_median']:.3f}", str(r["timed_steps"]), loss, r["blas"])
     console = Console(width=max(Console().width, 150))
     console.print(table)
     for label, opts in s.get("variants", {}).items():
         console.print(f"lorakit:{label} = lorakit with {opts}")
+    for r in report["results"]:
+        if r.get("layout"):
+            console.print(f"{r['trainer']} layout: {r['layout']}")
+        if r.get("plan"):
+            p = r["plan"]
+            console.print(f"{r['trainer']} --plan predicted {p['peak_memory_gb']:.2f} GB (measured "
+                          f"{r['peak_memory_gb']:.2f}), {p['tokens_per_second']:,.0f} tokens/s after warm-up "
+                          f"(measured {r['tokens_per_s']:,.0f} incl. compiles), {p['compiled_shapes']} shapes "
+                          f"x {p['compile_time_s']:.1f} s compile")
     for name, ratio in report["ratios"].items():
-        console.print(f"{name}: {ratio['tokens_per_s']}x tokens/s, {ratio['peak_memory']}x peak memory")
+        console.print(f"{name}: {ratio['tokens_per_s']}x tokens/s ({ratio['steady_tokens_per_s']}x steady, without "
+                      f"compiling steps), {ratio['peak_memory']}x peak memory")
 
 
 @app.command()
@@ -156,7 +178,9 @@ def main(
     variant: Annotated[list[str], typer.Option(help="An extra lorakit run, label:key=value[,key=value] on top of "
                                                     "--lorakit-opt (e.g. pack-b4:pack=true,batch_size=4; "
                                                     "batch_size there is lorakit's alone); repeatable.")] = [],  # noqa: B006
-    grad_checkpoint: Annotated[bool, typer.Option(help="Gradient checkpointing in both trainers.")] = False,
+    grad_checkpoint: Annotated[bool, typer.Option(help="Gradient checkpointing in both trainers "
+                                                       "(default: mlx-lm without, lorakit as autofit decides).")] = False,
+    plan: Annotated[bool, typer.Option(help="Run `lorakit train --plan` before lorakit's run and report both.")] = False,
     peak_tflops: Annotated[float | None, typer.Option(help="Device peak for MFU (default from GPU name).")] = None,
     seed: Annotated[int, typer.Option(help="Data and weight seed.")] = 0,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
@@ -170,7 +194,7 @@ def main(
     spec = {"model": model, "dtype": dtype, "quantize": quantize, "data": data, "mask_prompt": mask_prompt, "batch_size": batch_size,
             "max_len": max_len, "length_scale": length_scale, "steps": steps, "warmup": warmup,
             "ref_steps": ref_steps, "rank": 8, "scale": 20.0, "lr": 1e-5, "seed": seed,
-            "grad_checkpoint": grad_checkpoint, "lorakit_opts": dict(kv.split("=", 1) for kv in lorakit_opt)}
+            "grad_checkpoint": grad_checkpoint, "plan": plan, "lorakit_opts": dict(kv.split("=", 1) for kv in lorakit_opt)}
     runs = [(name, spec) for name in names]
     variants = {}
     for v in variant:

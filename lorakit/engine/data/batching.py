@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -114,14 +114,14 @@ def _width(longest: int, max_seq_length: int) -> int:
     return min(bucket(longest - 1), max_seq_length) + 1
 
 
-def _budget_batches(rows: list[list[int]], lengths: list[int], budget: int, max_seq_length: int
+def _budget_batches(rows: list[list[int]], lengths: list[int], budget: int, width_of: Callable[[int], int]
                     ) -> list[list[list[int]]]:
-    """Consecutive rows (sorted by length) per batch while rows x padded length stays within `budget`
-    (a row longer than the budget gets a batch of its own)."""
+    """Consecutive rows (sorted by length) per batch while rows x padded length stays nearest `budget`: a row
+    joins when the batch is then closer to the budget than without it (a long row may get a batch alone)."""
     batches: list[list[list[int]]] = []
     for row, length in zip(rows, lengths):
-        width = _width(length, max_seq_length) - 1
-        if batches and (len(batches[-1]) + 1) * width <= budget:
+        width = width_of(length) - 1
+        if batches and (len(batches[-1]) + 0.5) * width <= budget:
             batches[-1].append(row)
         else:
             batches.append([row])
@@ -148,12 +148,17 @@ class BatchPlan:
         if batch_tokens is None:
             self.batches = [rows[i: i + batch_size] for i in range(0, len(rows), batch_size)]
         else:
-            self.batches = _budget_batches(rows, [row_len[r] for r in by_length], batch_tokens, max_seq_length)
+            self.batches = _budget_batches(rows, [row_len[r] for r in by_length], batch_tokens, self._row_width)
 
     def width(self, b: int) -> int:
         """The padded length (inputs) of batch b."""
-        longest = max(sum(self.examples[i].length for i in row) for row in self.batches[b])
-        return _width(longest, self.max_seq_length) - 1
+        return self._row_width(max(sum(self.examples[i].length for i in row) for row in self.batches[b])) - 1
+
+    def _row_width(self, longest: int) -> int:
+        """Tokens per row; packed rows over half full are padded to full length (one shape, one compile)."""
+        if self.pack and 2 * longest > self.max_seq_length:
+            return self.max_seq_length + 1
+        return _width(longest, self.max_seq_length)
 
     def shapes(self) -> set[tuple[int, int]]:
         """The distinct (rows, padded length) of the batches: each is one compilation of the step."""
@@ -181,7 +186,7 @@ class BatchPlan:
     def build_rows(self, rows: list[list[int]]) -> Batch:
         """A padded batch of these rows (each a list of example numbers packed into one row)."""
         seqs = [[self.examples[i] for i in row] for row in rows]
-        width = _width(max(sum(e.length for e in row) for row in seqs), self.max_seq_length)
+        width = self._row_width(max(sum(e.length for e in row) for row in seqs))
         tokens = np.zeros((len(rows), width), np.int32)
         mask = np.zeros((len(rows), width), bool)
         segments = np.zeros((len(rows), width), np.int32)

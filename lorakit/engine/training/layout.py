@@ -154,7 +154,7 @@ def largest_micro_batch(layout: Layout, row: int) -> int:
     """About the most padded tokens one micro-batch holds (`row`: padded tokens of the longest row)."""
     if layout.batch_tokens is None:
         return layout.batch_size * row
-    return max(1, layout.batch_tokens // row) * row if layout.pack else max(layout.batch_tokens, row)
+    return max(1, round(layout.batch_tokens / row)) * row if layout.pack else max(layout.batch_tokens, row)
 
 
 def _longest_row(settings: TrainSettings, lengths: list[int], pack: bool) -> int:
