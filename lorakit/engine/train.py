@@ -110,8 +110,8 @@ def _plan_only(settings: TrainSettings, reporter: Reporter, world: dist.World) -
     head = loss_head(loaded.model)
     train_set, valid_set = _load_splits(settings, loaded, reporter)
     _add_adapters(settings, loaded, train_set)
-    reporter.log("measuring the run's steps (--plan)")
-    choice = fit.choose(_fixed_for_preferences(settings, train_set), loaded.model, head, train_set, timed=True)
+    choice = fit.choose(_fixed_for_preferences(settings, train_set), loaded.model, head, train_set, timed=True,
+                        reporter=reporter)
     settings = settings.model_copy(update=choice.layout.update())
     batches = _plan_batches(settings, train_set, None, world, reporter)
     return predict(choice, batches.plan, batches.total_steps)
@@ -123,7 +123,7 @@ def _choose_layout(settings: TrainSettings, loaded: LoadedModel, head: str | Non
     settings = _fixed_for_preferences(settings, train_set)
     if resume_ckpt is not None:
         settings = _saved_layout(settings, resume_ckpt)
-    choice = fit.choose(settings, loaded.model, head, train_set, timed=False)
+    choice = fit.choose(settings, loaded.model, head, train_set, timed=False, reporter=reporter)
     _show_choice(choice, reporter)
     gc.collect()
     mx.reset_peak_memory()  # the run's peak is training's (not the model load's, nor the probe's)

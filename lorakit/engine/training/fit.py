@@ -15,6 +15,7 @@ from mlx import nn
 
 from lorakit.engine.data.batching import BatchPlan
 from lorakit.engine.data.tokenized import Split
+from lorakit.engine.reporter import Reporter
 from lorakit.engine.training.layout import Layout, budgets, candidates, free_fields, packing, step_tokens
 from lorakit.engine.training.probe import Measured, measure
 from lorakit.engine.training.speedups import use_grad_checkpoint
@@ -50,8 +51,8 @@ def usable_memory() -> int:
     return int(min(mx.get_memory_limit(), available))
 
 
-def choose(settings: TrainSettings, model: nn.Module, head: str | None, train_set: Split,
-           timed: bool) -> Choice:
+def choose(settings: TrainSettings, model: nn.Module, head: str | None, train_set: Split, timed: bool,
+           reporter: Reporter) -> Choice:
     """The layout to train with (grad checkpointing applied to `model` when it needs it)."""
     lengths = [e.length for e in train_set.examples]
     budget = int(settings.max_memory * 1e9) if settings.max_memory else usable_memory()
@@ -64,6 +65,8 @@ def choose(settings: TrainSettings, model: nn.Module, head: str | None, train_se
     for layout in options:
         _apply(model, layout, settings)
         plan = layout_plan(settings, train_set, layout)
+        reporter.log(f"measuring {layout.flags()}: {3 if timed else 2} steps on its heaviest batch (the first "
+                     "compiles)")
         measured = measure(model, head, settings, plan, layout.grad_accumulation_steps, timed)
         choice.tried.append((layout, measured))
         if not measured.out_of_memory and (measured.peak_bytes <= HEADROOM * budget or len(options) == 1):
