@@ -153,7 +153,11 @@ def _run_mode(t: _Translation) -> None:
 def _lora(t: _Translation) -> None:
     """lora_parameters (rank, scale, dropout, keys), the old lora_layers, full fine-tuning's layer choice."""
     if "lora_layers" in t.src:
-        t.set("num_layers", t.src["lora_layers"])
+        layers = t.src["lora_layers"]
+        if isinstance(layers, bool) or not isinstance(layers, int):
+            t.problem("lora_layers", f"must be a whole number of blocks, -1 for all (got {_show(layers)})")
+        else:
+            t.set("num_layers", layers)
     params = t.src.get("lora_parameters")
     if params is None:
         params = {}

@@ -309,3 +309,12 @@ def test_bad_input(tiny_model, judge_data, qa_data, tmp_path):
     with pytest.raises(UserError, match="plain 'text' records have no reference"):
         ev.run(_settings(tiny_model, text, tmp_path / "o", generate=True), Reporter())
     assert not (tmp_path / "o").exists()  # nothing written on bad input
+
+
+@pytest.mark.parametrize("body", ["{% include 'other.txt' %}", "{% for i in range(10**9) %}{{ i }}{% endfor %}"])
+def test_a_judge_template_that_fails_while_rendering_exits_2(tiny_model, judge_data, tmp_path, body):
+    template = tmp_path / "judge.jinja"
+    template.write_text(body)
+    with pytest.raises(UserError, match="--judge-template .*judge.jinja"):
+        ev.run(_settings(tiny_model, judge_data, tmp_path / "o", judge=True, judge_template=str(template)),
+               RecordingReporter())

@@ -331,3 +331,8 @@ def test_lorakit_train_runs_the_example(tiny_model, data, tmp_path, monkeypatch)
     s = saved["lorakit"]["settings"]
     assert (s["optimizer"], s["weight_decay"], s["lr_schedule"], s["train_on"], s["iters"]) == (
         "adamw", 0.05, "cosine", "all", 1)
+
+
+def test_lora_layers_that_is_not_a_number_is_named(tmp_path):
+    with pytest.raises(UserError, match="mlx-lm key 'lora_layers' must be a whole number of blocks"):
+        load_settings("train", {}, write(tmp_path, "model: m\ndata: d\nlora_layers: all\n"))

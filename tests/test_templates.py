@@ -104,3 +104,17 @@ def test_sandbox_blocks_attribute_escapes():
 def test_generation_tag_is_accepted():
     template = "{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}"
     assert render(CHATS[0], template) == "Hi thereHello! How can I help?"
+
+
+def test_a_template_file_that_is_not_text_exits_2(tmp_path):
+    path = tmp_path / "binary.jinja"
+    path.write_bytes(b"\x00\x01\xff\xfe{{ messages }}")
+    with pytest.raises(UserError, match="binary.jinja: not UTF-8 text"):
+        get_template(str(path))
+
+
+@pytest.mark.parametrize("body", ["{% for i in range(10**9) %}x{% endfor %}", "{{ 1 / 0 }}",
+                                  "{{ messages[0]['content'] | int + 'x' }}"])
+def test_any_failure_inside_a_template_is_its_own_error(body):
+    with pytest.raises(ValueError, match="chat template: rendering failed"):
+        render(CHATS[0], body)

@@ -188,7 +188,7 @@ def _start_point(settings: TrainSettings, reporter: Reporter) -> tuple[Path | No
             raise UserError(f"--resume: no intact checkpoint under {out / ckpt.CHECKPOINTS}; "
                             "pass --overwrite to start over")
         if found is None:
-            reporter.log(f"--resume: nothing to resume in {out}; starting a new run")
+            reporter.warn(f"--resume: nothing to resume in {out}; starting a new run")
         return found, False
     if has_files and not settings.overwrite:
         raise UserError(f"--adapter-path {out}: directory is not empty; pass --resume to continue its run, "

@@ -31,7 +31,10 @@ def get_template(name_or_path: str) -> str:
         return BUILTIN_TEMPLATES[name_or_path]
     path = Path(name_or_path).expanduser()
     if path.is_file():
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"--template {path}: not UTF-8 text; give a Jinja template file") from None
         try:
             _compile(text)
         except jinja2.TemplateSyntaxError as e:
@@ -60,6 +63,8 @@ def render(messages: list[dict[str, Any]], template: str, add_generation_prompt:
                          "self-contained") from None
     except jinja2.TemplateError as e:
         raise ValueError(f"chat template: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a template is code from a model or a user: any failure is theirs
+        raise ValueError(f"chat template: rendering failed ({type(e).__name__}: {e})") from None
 
 
 class _GenerationTag(Extension):

@@ -72,6 +72,8 @@ class JudgePrompt:
                 text = path.read_text(encoding="utf-8")
             except OSError as e:
                 raise UserError(f"--judge-template {path}: cannot read it ({e.strerror or e})") from None
+            except UnicodeDecodeError:
+                raise UserError(f"--judge-template {path}: not UTF-8 text; give a Jinja template file") from None
             env = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
             try:
                 self.template = env.from_string(text)
@@ -88,6 +90,8 @@ class JudgePrompt:
                                                answer_b=item.answer_b)
             except jinja2.TemplateError as e:
                 raise UserError(f"--judge-template {self.source}: {e} (available: {', '.join(FIELDS)})") from None
+            except Exception as e:  # noqa: BLE001 - a template is the user's code: any failure is theirs
+                raise UserError(f"--judge-template {self.source}: rendering failed ({type(e).__name__}: {e})") from None
             messages = [{"role": "user", "content": content}]
         if item.system is not None:
             messages = [{"role": "system", "content": item.system}, *messages]
