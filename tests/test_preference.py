@@ -320,3 +320,47 @@ def test_cli_refuses_mismatched_objective_and_text_output_with_exit_2(tiny_model
     result = runner.invoke(app, ["train", "-m", str(tiny_model), "--data", str(pair_data), "--adapter-path",
                                  str(tmp_path / "run"), "--beta", "0"])
     assert result.exit_code == 2 and "--beta" in result.stderr
+
+
+def test_dpo_on_two_ranks_trains_the_same_adapter_as_one_process(tiny_model, tmp_path):
+    from test_distributed import _json_lines, _launch_ring, _weights
+
+    data = tmp_path / "pairs"
+    data.mkdir()
+    rows = [{"prompt": f"Question {i}?", "chosen": f"A helpful answer number {i}, with detail.",
+             "rejected": f"No {i}."} for i in range(16)]
+    _write_pairs(data / "train.jsonl", rows)
+    _write_pairs(data / "valid.jsonl", rows[:4])
+    args = ["--iters", "4", "--batch-size", "4", "--learning-rate", "1e-3", "--steps-per-report", "2",
+            "--steps-per-eval", "2", "--val-batches", "-1", "--json"]
+
+    def command(out):
+        return ["train", "--model", str(tiny_model), "--data", str(data), "--adapter-path", str(out), *args]
+
+    single = runner.invoke(app, command(tmp_path / "single"))
+    assert single.exit_code == 0, single.stderr
+    ranks = _launch_ring(command(tmp_path / "double"))
+    assert ranks.returncode == 0, ranks.stderr
+    assert len(_json_lines(ranks.stdout)) == 1
+    one, two = _weights(tmp_path / "single"), _weights(tmp_path / "double")
+    for key in one:
+        np.testing.assert_allclose(two[key], one[key], rtol=1e-3, atol=5e-5, err_msg=key)
+
+    def last_val(out):
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines if "val_loss" in line][-1]
+
+    a, b = last_val(tmp_path / "single"), last_val(tmp_path / "double")
+    assert b["val_reward_accuracy"] == a["val_reward_accuracy"]
+    assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-3, abs=1e-4)
+    assert b["val_chosen_logp"] == pytest.approx(a["val_chosen_logp"], rel=1e-3)
+
+
+def test_generate_scores_a_pair_against_its_chosen_reply():
+    chat = {"prompt": [{"role": "user", "content": "Hi?"}], "chosen": [{"role": "assistant", "content": "Hello."}],
+            "rejected": [{"role": "assistant", "content": "Go away."}]}
+    assert eval_engine.generation_parts(chat, "f:1") == ([{"role": "user", "content": "Hi?"}], "Hello.")
+    assert eval_engine.generation_parts({"prompt": "Hi?", "chosen": "Hello.", "rejected": "No."}, "f:2") == \
+        ("Hi?", "Hello.")
+    with pytest.raises(UserError, match="f:3: --generate needs the pair's 'prompt'"):
+        eval_engine.generation_parts({"chosen": "Hello.", "rejected": "No."}, "f:3")
