@@ -13,8 +13,15 @@ It also times the reference forward of that batch (the base with the adapter swi
 `dpo + reference` is what a step would cost with the reference computed at every step, and the one-time
 reference pass over the whole set. Prints a table on stderr and JSON on stdout.
 
+With --mlx-lm-lora (mlx-lm-lora importable) it also times mlx-lm-lora's DPO step on the same rows: its own
+get_token_scores / compute_score / dpo_loss, compiled with the optimizer update as its train_dpo does, with its
+reference model (a second copy of the base, as it loads one) forwarded inside every step.
+
     python benchmarks/preference_bench.py                  # real 135M model, 4 pairs per batch
     python benchmarks/preference_bench.py --pairs 8 --repeats 10 --model path/to/model --dtype none
+    # mlx-lm-lora in a side venv, so the shared environment's packages stay as they are:
+    python3 -m venv --system-site-packages /tmp/v && /tmp/v/bin/pip install --no-deps mlx-lm-lora
+    /tmp/v/bin/python benchmarks/preference_bench.py --mlx-lm-lora
 """
 
 from __future__ import annotations
@@ -54,13 +61,16 @@ from lorakit.settings import TrainSettings  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _setup(args: argparse.Namespace, data: Path):
-    """The model with its adapters, the tokenised pairs, their reference log-probs and the pass's time."""
+def _train_settings(args: argparse.Namespace, data: Path) -> TrainSettings:
     from lorakit.realmodel import fetch
 
-    model_path = args.model or str(fetch(quiet=True))
-    settings = TrainSettings(model=model_path, data=data, dtype=None if args.dtype == "none" else args.dtype,
-                             lora_rank=8, lora_alpha=16, quiet=True)
+    return TrainSettings(model=args.model or str(fetch(quiet=True)), data=data, lora_rank=8, lora_alpha=16,
+                         dtype=None if args.dtype == "none" else args.dtype, quiet=True)
+
+
+def _setup(args: argparse.Namespace, data: Path):
+    """The model with its adapters, the tokenised pairs, their reference log-probs and the pass's time."""
+    settings = _train_settings(args, data)
     loaded = load_model(settings, Reporter())
     head = loss_head(loaded.model)
     split = load_split(data, "train", loaded.tokenizer, "auto", 2048)
@@ -89,6 +99,38 @@ def _interleaved(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, 
     return {name: (float(np.median(t)), min(t), peaks[name]) for name, t in times.items()}
 
 
+def _mlx_lm_lora_step(model, settings: TrainSettings, rows: Any) -> Callable[[], Any]:
+    """mlx-lm-lora's DPO step (sigmoid, beta 0.1) on the same rows: chosen at even, rejected at odd rows."""
+    from functools import partial
+
+    from mlx import nn
+    from mlx_lm_lora.trainer.dpo_trainer import compute_score, dpo_loss, get_token_scores
+
+    reference = load_model(settings, Reporter()).model.freeze()  # its load_reference_model: a second copy
+    tokens = np.concatenate([rows.inputs, rows.targets[:, -1:]], axis=1)
+    masks = np.concatenate([np.zeros((len(tokens), 1), np.float32), rows.weights], axis=1)
+    chosen, rejected = mx.array(tokens[0::2]), mx.array(tokens[1::2])
+    chosen_masks, rejected_masks = mx.array(masks[0::2]), mx.array(masks[1::2])
+
+    def loss(c, r, cm, rm):
+        scores = [compute_score(get_token_scores(model, x, m), m, "sigmoid") for x, m in ((c, cm), (r, rm))]
+        refs = [compute_score(mx.stop_gradient(get_token_scores(reference, x, m)), m, "sigmoid")
+                for x, m in ((c, cm), (r, rm))]
+        return dpo_loss(scores[0], scores[1], refs[0], refs[1], cm, rm, beta=0.1, delta=50.0, loss_type="sigmoid")
+
+    optimizer = optim.AdamW(learning_rate=1e-6)
+    loss_and_grad = nn.value_and_grad(model, loss)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(c, r, cm, rm):
+        (value, reward, toks, metrics), grad = loss_and_grad(c, r, cm, rm)
+        optimizer.update(model, grad)
+        return value, reward, toks, metrics
+
+    return lambda: (step(chosen, rejected, chosen_masks, rejected_masks), state)
+
+
 def _step(model, objective, batch: dict) -> Callable[[], Any]:
     optimizer = optim.AdamW(learning_rate=1e-6)  # tiny steps: the weights stay close to the start
     steps = compile_steps(model, optimizer, objective.loss, None)
@@ -101,6 +143,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help="base dtype, or 'none' to keep the model's own")
     parser.add_argument("--pairs", type=int, default=4, help="pairs per batch")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--mlx-lm-lora", action="store_true", help="also time mlx-lm-lora's DPO step")
     args = parser.parse_args()
 
     data = Path(tempfile.mkdtemp(prefix="pref-bench-"))
@@ -109,17 +152,19 @@ def main() -> None:
         loaded, head, split, reference, reference_pass = _setup(args, data)
         plan = PairPlan(split.examples, args.pairs, 2048, reference=reference, shuffle=False)
         b = len(plan) // 2  # a batch of typical length
-        batch = plan.build(b).to_mx()
+        rows_np = plan.build(b)
+        batch = rows_np.to_mx()
         model = loaded.model
 
         def reference_forward():
             with base_model(model):
                 return sequence_logps(model, batch, head)
 
-        rows = _interleaved({"sft": _step(model, SFT(head), batch),
-                             "dpo": _step(model, DPO(head, 0.1, "sigmoid"), batch),
-                             "orpo": _step(model, ORPO(head, 0.1), batch), "reference": reference_forward},
-                            args.repeats)
+        runs = {"sft": _step(model, SFT(head), batch), "dpo": _step(model, DPO(head, 0.1, "sigmoid"), batch),
+                "orpo": _step(model, ORPO(head, 0.1), batch), "reference": reference_forward}
+        if args.mlx_lm_lora:
+            runs["mlx-lm-lora dpo"] = _mlx_lm_lora_step(model, _train_settings(args, data), rows_np)
+        rows = _interleaved(runs, args.repeats)
         forward = rows.pop("reference")
     finally:
         shutil.rmtree(data, ignore_errors=True)
@@ -138,6 +183,9 @@ def main() -> None:
                                  "dpo_with_reference_each_step": round((rows["dpo"][1] + forward[1]) / sft_min, 3)},
         "reference_pass_s": round(reference_pass, 3), "pairs_in_set": len(split.examples) // 2,
     }
+    if "mlx-lm-lora dpo" in rows:
+        result["ratio_to_sft"]["mlx-lm-lora dpo"] = round(rows["mlx-lm-lora dpo"][0] / sft, 3)
+        result["fastest_ratio_to_sft"]["mlx-lm-lora dpo"] = round(rows["mlx-lm-lora dpo"][1] / sft_min, 3)
     _print_table(rows, forward, reference_pass, result["pairs_in_set"])
     print(json.dumps(result))
 

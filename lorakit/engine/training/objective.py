@@ -8,7 +8,7 @@ The compiled steps and the Trainer only call `objective.loss(model, batch) -> (l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import mlx.core as mx
 import numpy as np
@@ -28,8 +28,7 @@ class SFT:
     """Cross-entropy on the loss-bearing tokens."""
 
     head: str | None
-    name: str = "sft"
-    needs_reference: bool = False
+    needs_reference: ClassVar[bool] = False
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[mx.array, mx.array, mx.array]:
         loss_sum, ntoks = batch_loss(model, batch, self.head)
@@ -45,9 +44,8 @@ class DPO:
 
     head: str | None
     beta: float
-    variant: str
-    name: str = "dpo"
-    needs_reference: bool = True
+    variant: str  # sigmoid, ipo or hinge (--dpo-loss)
+    needs_reference: ClassVar[bool] = True
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[mx.array, mx.array, mx.array]:
         logps, counts = sequence_logps(model, batch, self.head)
@@ -63,8 +61,7 @@ class ORPO:
 
     head: str | None
     beta: float
-    name: str = "orpo"
-    needs_reference: bool = False
+    needs_reference: ClassVar[bool] = False
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[mx.array, mx.array, mx.array]:
         logps, counts = sequence_logps(model, batch, self.head)
