@@ -364,3 +364,22 @@ def test_generate_scores_a_pair_against_its_chosen_reply():
         ("Hi?", "Hello.")
     with pytest.raises(UserError, match="f:3: --generate needs the pair's 'prompt'"):
         eval_engine.generation_parts({"chosen": "Hello.", "rejected": "No."}, "f:3")
+
+
+def test_raw_mlx_lm_lora_pairs_tokenise_with_system_prompt_and_reply_only_masks(tiny_model, tmp_path):
+    from mlx_lm.utils import load_tokenizer
+
+    from lorakit.engine.data.tokenized import load_split
+
+    _write_pairs(tmp_path / "train.jsonl", [{"system": "Be brief.", "prompt": "Hi?", "chosen": "Hello there.",
+                                             "rejected": "Go away."}])
+    tokenizer = load_tokenizer(tiny_model)
+    split = load_split(tmp_path, "train", tokenizer, "auto", 512)
+    assert split.format == "preference" and split.records == 1 and len(split.examples) == 2
+    chosen, rejected = split.examples
+    assert tokenizer.decode(chosen.tokens.tolist()).startswith("<|im_start|>system\nBe brief.")
+    assert tokenizer.decode(chosen.tokens[chosen.mask].tolist()).startswith("Hello there.")
+    assert tokenizer.decode(rejected.tokens[rejected.mask].tolist()).startswith("Go away.")
+    for ex in split.examples:  # one contiguous span: the reply and its end-of-turn token, nothing of the prompt
+        assert (np.diff(np.flatnonzero(ex.mask)) == 1).all()
+        assert tokenizer.decode(ex.tokens[ex.mask].tolist()).endswith("<|im_end|>")

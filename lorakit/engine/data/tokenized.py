@@ -217,6 +217,8 @@ class _Renderer:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise UserError(f"{where}: 'prompt' must be a string or a non-empty list of messages")
+        if isinstance(record.get("system"), str):  # mlx-lm-lora's optional system prompt
+            messages = [{"role": "system", "content": record["system"]}, *messages]
         return [self._chat([*messages, {"role": "assistant", "content": _reply_text(record.get(key), key, where)}],
                            record.get("tools"), where) for key in ("chosen", "rejected")]
 
