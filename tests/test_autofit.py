@@ -180,7 +180,9 @@ def test_candidates_keep_the_tokens_per_step_and_go_from_fast_to_small():
     s = TrainSettings(model="m", data="d", max_seq_length=512)
     lengths = [100] * 40 + [500] * 4
     found = candidates(s, lengths)
-    assert found[0].grad_checkpoint is False and all(c.grad_checkpoint for c in found[1:])
+    assert not found[0].grad_checkpoint and not found[0].recompute_mlp
+    assert found[1].recompute_mlp and not found[1].grad_checkpoint  # the MLPs first, then whole blocks
+    assert all(c.grad_checkpoint for c in found[2:])
     totals = {c.batch_tokens * c.grad_accumulation_steps for c in found}
     assert max(totals) - min(totals) < max(c.grad_accumulation_steps for c in found)  # rounding only
     assert found[0].pack  # long-tailed, and a step fills a row of 512
@@ -203,7 +205,8 @@ def test_out_of_memory_mid_run_keeps_checkpoints_and_names_the_next_layout(tiny_
         train.run(settings(tiny_model, data, out, iters=4, save_every=2), RecordingReporter())
     message = str(caught.value)
     assert caught.value.exit_code == 1 and "out of memory at step 3" in message
-    assert "--grad-checkpoint (the next smaller layout" in message and "lorakit train --plan" in message
+    assert "--recompute-mlp --no-grad-checkpoint (the next smaller layout" in message
+    assert "lorakit train --plan" in message
     assert (out / "checkpoints" / "step-000002").is_dir()
 
 

@@ -174,17 +174,31 @@ def test_one_exp_and_logsumexp_forms_agree():
     assert mx.allclose(probs_a, probs_b, atol=1e-6).item()
 
 
-def test_grad_checkpoint_with_packing_gives_the_same_gradients(tiny_model):
-    """Checkpointed blocks recompute activations; the packed attention mask is not differentiated."""
+@pytest.mark.parametrize("recompute", ["blocks", "mlp", "mlp then blocks then none"])
+def test_recomputing_in_backward_with_packing_gives_the_same_gradients(tiny_model, recompute):
+    """Checkpointed blocks (or MLPs) recompute activations; the packed attention mask is not differentiated;
+    switching recomputation off again restores the plain model."""
+    from lorakit.engine.training.speedups import use_mlp_recompute
+
     examples = _examples(6, masked=True)
     arrays = BatchPlan(examples, batch_size=2, max_seq_length=256, pack=True, seed=0).build(0).to_mx()
     assert arrays["segments"] is not None and int(arrays["segments"].max().item()) >= 2  # really packed
     model = _lora_model(tiny_model)
+    plain = [type(block) for block in model.layers] + [type(block.mlp) for block in model.layers]
     head = losses.loss_head(model)
     results = []
     for checkpoint in (False, True):
-        if checkpoint:
+        if checkpoint and recompute == "blocks":
             train_engine.use_grad_checkpoint(model)  # same weights, blocks now recompute in the backward pass
+        elif checkpoint and recompute == "mlp":
+            use_mlp_recompute(model)
+            assert all(type(block.mlp) is not cls for block, cls in zip(model.layers, plain[len(model.layers):]))
+        elif checkpoint:
+            use_mlp_recompute(model)
+            train_engine.use_grad_checkpoint(model)
+            use_mlp_recompute(model, False)
+            train_engine.use_grad_checkpoint(model, False)
+            assert [type(block) for block in model.layers] + [type(block.mlp) for block in model.layers] == plain
         (loss, _), grad = nn.value_and_grad(model, losses.batch_loss)(model, arrays, head)
         results.append((loss.item(), dict(tree_flatten(grad))))
     (loss_a, grad_a), (loss_b, grad_b) = results

@@ -242,7 +242,7 @@ def _saved_layout(settings: TrainSettings, checkpoint: Path) -> TrainSettings:
             saved = yaml.safe_load(path.read_text()) or {}
             break
     before_autofit = Layout(pack=False, batch_size=settings.batch_size, batch_tokens=None,
-                            grad_accumulation_steps=1, grad_checkpoint=False)
+                            grad_accumulation_steps=1, recompute_mlp=False, grad_checkpoint=False)
     update = {name: saved.get(name, getattr(before_autofit, name)) for name in free}
     return settings.model_copy(update={**update, "autofit": False})
 
@@ -375,5 +375,6 @@ def _batches_row(s: TrainSettings, micro_per_epoch: int) -> str:
                 f"{s.batch_size * s.grad_accumulation_steps} effective")
     else:
         size = f"up to {s.batch_tokens:,} tokens x {s.grad_accumulation_steps} accumulation"
-    extras = [name for name, on in (("packed", s.pack), ("grad checkpoint", s.grad_checkpoint)) if on]
+    extras = [name for name, on in (("packed", s.pack), ("MLP recomputed", s.recompute_mlp),
+                                    ("grad checkpoint", s.grad_checkpoint)) if on]
     return f"{size}{''.join(', ' + e for e in extras)}; {micro_per_epoch} per epoch"

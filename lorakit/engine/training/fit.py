@@ -18,7 +18,7 @@ from lorakit.engine.data.tokenized import Split
 from lorakit.engine.reporter import Reporter
 from lorakit.engine.training.layout import Layout, budgets, candidates, free_fields, packing, step_tokens
 from lorakit.engine.training.probe import Measured, measure
-from lorakit.engine.training.speedups import use_grad_checkpoint
+from lorakit.engine.training.speedups import use_grad_checkpoint, use_mlp_recompute
 from lorakit.errors import UserError
 from lorakit.settings import TrainSettings
 
@@ -81,10 +81,9 @@ def layout_plan(settings: TrainSettings, train_set: Split, layout: Layout) -> Ba
 
 
 def _apply(model: nn.Module, layout: Layout, settings: TrainSettings) -> None:
-    """Checkpointing goes on once (candidates never turn it off again); it stays off when unasked."""
-    if layout.grad_checkpoint and not getattr(model, "_lorakit_checkpointed", False):
-        use_grad_checkpoint(model)
-        model._lorakit_checkpointed = True
+    """The layout's recomputation in the backward pass: whole blocks, or only their MLPs, or none."""
+    use_grad_checkpoint(model, layout.grad_checkpoint)
+    use_mlp_recompute(model, layout.recompute_mlp and not layout.grad_checkpoint)
 
 
 def _data_reasons(settings: TrainSettings, lengths: list[int]) -> list[str]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from lorakit.engine.data.batching import bucket
 from lorakit.settings import TrainSettings
 
-FIELDS = ("pack", "batch_size", "batch_tokens", "grad_accumulation_steps", "grad_checkpoint")
+FIELDS = ("pack", "batch_size", "batch_tokens", "grad_accumulation_steps", "recompute_mlp", "grad_checkpoint")
 MAX_ACCUMULATION = 64
 
 
@@ -29,6 +29,7 @@ class Layout:
     batch_size: int  # rows per micro-batch when batch_tokens is None
     batch_tokens: int | None
     grad_accumulation_steps: int
+    recompute_mlp: bool
     grad_checkpoint: bool
 
     @classmethod
@@ -44,6 +45,7 @@ class Layout:
         size = f"--batch-tokens {self.batch_tokens}" if self.batch_tokens else f"--batch-size {self.batch_size}"
         return " ".join(["--pack" if self.pack else "--no-pack", size,
                          f"--grad-accumulation-steps {self.grad_accumulation_steps}",
+                         "--recompute-mlp" if self.recompute_mlp else "--no-recompute-mlp",
                          "--grad-checkpoint" if self.grad_checkpoint else "--no-grad-checkpoint"])
 
 
@@ -98,20 +100,30 @@ def candidates(settings: TrainSettings, lengths: list[int], free: set[str] | Non
     row = _longest_row(settings, lengths, base.pack)
     accums = _powers_of_two(MAX_ACCUMULATION) if "grad_accumulation_steps" in free else [
         asked.grad_accumulation_steps]
-    checkpointing = [False, True] if "grad_checkpoint" in free else [asked.grad_checkpoint]
+    levels = _recompute_levels(asked, free)
     found: list[Layout] = []
-    seen: set[tuple[bool, int]] = set()
-    for ckpt in checkpointing:
+    seen: set[tuple[tuple[bool, bool], int]] = set()
+    for level in levels:
         for accum in accums:
-            layout = _sized(settings, lengths, replace(base, grad_checkpoint=ckpt, grad_accumulation_steps=accum),
-                            free)
+            layout = _sized(settings, lengths, replace(base, recompute_mlp=level[0], grad_checkpoint=level[1],
+                                                       grad_accumulation_steps=accum), free)
             size = layout and largest_micro_batch(layout, row)
-            if layout and (ckpt, size) not in seen:  # more accumulation that shrinks nothing: no use
-                seen.add((ckpt, size))
+            if layout and (level, size) not in seen:  # more accumulation that shrinks nothing: no use
+                seen.add((level, size))
                 found.append(layout)
-            if ckpt != checkpointing[-1]:
-                break  # without checkpointing only the largest micro-batch: checkpointing saves more first
+            if level != levels[-1]:
+                break  # only the largest micro-batch before the last level: recomputing saves more first
     return found
+
+
+def _recompute_levels(asked: Layout, free: set[str]) -> list[tuple[bool, bool]]:
+    """(recompute_mlp, grad_checkpoint) from least to most recomputation, as the free fields allow."""
+    mlp = [False, True] if "recompute_mlp" in free else [asked.recompute_mlp]
+    full = [False, True] if "grad_checkpoint" in free else [asked.grad_checkpoint]
+    levels = [(m, False) for m in mlp] if False in full else []
+    if True in full:
+        levels.append((False, True) if "recompute_mlp" in free else (asked.recompute_mlp, True))
+    return levels
 
 
 def _sized(settings: TrainSettings, lengths: list[int], layout: Layout, free: set[str]) -> Layout | None:
@@ -130,15 +142,19 @@ def smaller_layout(settings: TrainSettings, lengths: list[int]) -> Layout | None
     they are): checkpointing first, then smaller micro-batches with more accumulation."""
     now = Layout.of(settings)
     row = _longest_row(settings, lengths, now.pack)
-    options = [] if now.grad_checkpoint else [replace(now, grad_checkpoint=True)]
-    for accum in _powers_of_two(MAX_ACCUMULATION):
-        if accum > now.grad_accumulation_steps:
-            options.append(_split(replace(now, grad_checkpoint=True), accum))
+    full = replace(now, recompute_mlp=False, grad_checkpoint=True)
+    options = [] if now.grad_checkpoint or now.recompute_mlp else [replace(now, recompute_mlp=True)]
+    options += [] if now.grad_checkpoint else [full]
+    options += [_split(full, a) for a in _powers_of_two(MAX_ACCUMULATION) if a > now.grad_accumulation_steps]
     for layout in options:
-        if layout and (layout.grad_checkpoint > now.grad_checkpoint
+        if layout and (_recomputes(layout) > _recomputes(now)
                        or largest_micro_batch(layout, row) < largest_micro_batch(now, row)):
             return layout
     return None
+
+
+def _recomputes(layout: Layout) -> int:
+    return 2 if layout.grad_checkpoint else int(layout.recompute_mlp)
 
 
 def _split(layout: Layout, accum: int) -> Layout | None:
