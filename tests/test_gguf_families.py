@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lorakit.engine import fuse
-from lorakit.engine.export import gguf_check, gguf_export
+from lorakit.engine.export import gguf_check, gguf_encode, gguf_export
 from lorakit.engine.model.loading import load_model
 from lorakit.engine.reporter import RecordingReporter
 from lorakit.errors import RunError
@@ -108,10 +108,10 @@ def test_every_type_is_written_and_checked(gguf_type, tmp_path, monkeypatch):
         monkeypatch.setitem(gguf_check.TOLERANCE, gguf_type, 2.0)
     result, out, path = export(tmp_path, "qwen2", gguf_type)
     reader = gguf.GGUFReader(path)
-    file_type, matrix = gguf_export.TENSOR_TYPES[gguf_type]
+    file_type, matrix = gguf_encode.TENSOR_TYPES[gguf_type]
     assert reader.fields["general.file_type"].contents() == file_type
     tensors = {t.name: t for t in reader.tensors}
-    wide = gguf.GGMLQuantizationType.Q8_0 if matrix in gguf_export.NARROW_TYPES else matrix
+    wide = gguf.GGMLQuantizationType.Q8_0 if matrix in gguf_encode.NARROW_TYPES else matrix
     assert tensors["token_embd.weight"].tensor_type == wide
     assert tensors["blk.0.attn_q.bias"].tensor_type == gguf.GGMLQuantizationType.F32
     fused = np.array(mx.load(str(out / "model.safetensors"))["model.layers.1.mlp.up_proj.weight"])

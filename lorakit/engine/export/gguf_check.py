@@ -16,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from lorakit.engine.export.gguf_encode import TENSOR_TYPES, encode_matrix
 from lorakit.engine.export.gguf_import import to_mlx
 from lorakit.engine.export.gguf_read import dequantized_tensors, metadata, open_reader
 
@@ -70,7 +71,6 @@ def check_gguf(path: Path, config: dict, weights: dict[str, mx.array], prompts: 
 def rounded_weights(weights: dict[str, mx.array], config: dict, gguf_type: str) -> dict[str, mx.array]:
     """The fused weights as the file should hold them, rounded by the same `gguf.quants` calls as the export
     (row permutations and norm offsets do not change a matrix's rounding, so the Hugging Face layout stays)."""
-    from lorakit.engine.export.gguf_export import TENSOR_TYPES, encode_matrix
     from lorakit.engine.export.gguf_families import BY_MODEL_TYPE, gguf_name, name_map
 
     names = name_map(BY_MODEL_TYPE[config["model_type"]], config)

@@ -20,6 +20,7 @@ import gguf
 import mlx.core as mx
 import numpy as np
 
+from lorakit.engine.export.gguf_encode import TENSOR_TYPES, encode_matrix
 from lorakit.engine.export.gguf_families import (
     BY_MODEL_TYPE,
     Family,
@@ -36,23 +37,6 @@ if TYPE_CHECKING:
     from lorakit.engine.export.gguf_check import GgufCheck
 
 SUPPORTED_MODEL_TYPES = tuple(BY_MODEL_TYPE)
-Q = gguf.GGMLQuantizationType
-FT = gguf.LlamaFileType
-TENSOR_TYPES = {  # --gguf-type -> (general.file_type, the matrices' type)
-    "f16": (FT.MOSTLY_F16, Q.F16),
-    "bf16": (FT.MOSTLY_BF16, Q.BF16),
-    "q8_0": (FT.MOSTLY_Q8_0, Q.Q8_0),
-    "q4_0": (FT.MOSTLY_Q4_0, Q.Q4_0),
-    "q4_1": (FT.MOSTLY_Q4_1, Q.Q4_1),
-    "q5_0": (FT.MOSTLY_Q5_0, Q.Q5_0),
-    "q5_1": (FT.MOSTLY_Q5_1, Q.Q5_1),
-}
-# llama-quantize keeps the token embedding and output matrix at higher precision than 4/5-bit bases (Q6_K);
-# the best type `gguf` can write in its place is Q8_0.
-WIDE_TENSORS = ("token_embd.weight", "output.weight")
-NARROW_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1)
-
-
 @dataclass
 class GgufExport:
     path: str
@@ -124,17 +108,6 @@ def export_gguf(weights: dict[str, mx.array], config: dict, tokenizer_dir: Path,
     writer.close()
     return GgufExport(path=str(path), type=gguf_type, size_bytes=Path(path).stat().st_size,
                       tensors=len(weights), tokenizer_model=tokenizer_model, tokenizer_pre=pre)
-
-
-def encode_matrix(target: str, data: np.ndarray,
-                  matrix_type: gguf.GGMLQuantizationType) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
-    """One matrix as stored: the embedding/output stay Q8_0 under 4/5-bit types; rows a block type cannot
-    split into blocks fall back to f16 (as llama.cpp does)."""
-    qtype = Q.Q8_0 if target in WIDE_TENSORS and matrix_type in NARROW_TYPES else matrix_type
-    try:
-        return gguf.quants.quantize(data, qtype), qtype
-    except gguf.QuantError:
-        return gguf.quants.quantize(data, Q.F16), Q.F16
 
 
 def _add_hparams(writer: gguf.GGUFWriter, config: dict, vocab_size: int) -> None:
