@@ -93,15 +93,17 @@ def _assert_same_grads(g_ref, g_got):
         assert scale > 0 and mx.abs(ref[key] - got[key]).max().item() <= 1e-4 * scale, key
 
 
+@pytest.mark.parametrize("pack", [False, True])
 @pytest.mark.parametrize("use_head", [False, True])
-def test_dpo_loss_and_gradients_match_a_straightforward_implementation(tiny_model, use_head):
+def test_dpo_loss_and_gradients_match_a_straightforward_implementation(tiny_model, use_head, pack):
     model = _lora_model(tiny_model)
     examples = _pairs()
     reference = np.array([float(v) - 0.3 * (i % 3) for i, v in enumerate(_straight_logps(model, examples))],
                          np.float32)
     head = loss_head(model) if use_head else None
     assert not use_head or head is not None
-    batch = PairPlan(examples, 3, 256, reference=reference).build(0).to_mx()
+    batch = PairPlan(examples, 3, 256, reference=reference, pack=pack).build(0).to_mx()
+    assert batch["inputs"].shape[0] == (1 if pack else 6)  # packed: all six replies in one row
     objective = DPO(head, beta=0.5, variant="sigmoid")
 
     (loss, pairs, stats), grad = nn.value_and_grad(model, objective.loss)(model, batch)
@@ -111,11 +113,13 @@ def test_dpo_loss_and_gradients_match_a_straightforward_implementation(tiny_mode
     _assert_same_grads(ref_grad, grad)
 
 
+@pytest.mark.parametrize("pack", [False, True])
 @pytest.mark.parametrize("use_head", [False, True])
-def test_orpo_loss_and_gradients_match_a_straightforward_implementation(tiny_model, use_head):
+def test_orpo_loss_and_gradients_match_a_straightforward_implementation(tiny_model, use_head, pack):
     model = _lora_model(tiny_model)
     examples = _pairs(seed=1)
-    batch = PairPlan(examples, 3, 256).build(0).to_mx()
+    batch = PairPlan(examples, 3, 256, pack=pack).build(0).to_mx()
+    assert (batch["segments"] is not None) == pack
     objective = ORPO(loss_head(model) if use_head else None, beta=0.2)
 
     (loss, pairs, _), grad = nn.value_and_grad(model, objective.loss)(model, batch)
@@ -234,8 +238,8 @@ def test_orpo_trains_and_objective_mismatches_are_user_errors(tiny_model, pair_d
     assert result.final_val_loss is not None
     with pytest.raises(UserError, match="--objective sft: .* preference pairs"):
         train.run(_settings(tiny_model, pair_data, tmp_path / "sft", objective="sft"), Reporter())
-    with pytest.raises(UserError, match="--pack"):
-        train.run(_settings(tiny_model, pair_data, tmp_path / "pack", pack=True), Reporter())
+    packed = train.run(_settings(tiny_model, pair_data, tmp_path / "pack", pack=True, iters=2), Reporter())
+    assert packed.final_val_loss is not None and packed.layout.startswith("--pack")  # pairs pack too
     chat = tmp_path / "chat"
     chat.mkdir()
     _write_pairs(chat / "train.jsonl", [{"prompt": "hi", "completion": "hello"}])

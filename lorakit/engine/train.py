@@ -131,7 +131,7 @@ def _choose_layout(settings: TrainSettings, loaded: LoadedModel, head: str | Non
 
 
 def _fixed_for_preferences(settings: TrainSettings, train_set: Split) -> TrainSettings:
-    """Preference pairs have their own batches (PairPlan: --batch-size pairs, never packed): no autofit."""
+    """Preference pairs have their own batches (PairPlan: --batch-size pairs; --pack as given): no autofit."""
     return settings.model_copy(update={"autofit": False}) if train_set.format == "preference" else settings
 
 
@@ -274,6 +274,7 @@ def _references(objective: Objective, settings: TrainSettings, loaded: LoadedMod
 def _plan(settings: TrainSettings, split: Split, reference: np.ndarray | None) -> BatchPlan:
     if split.format == "preference":
         return PairPlan(split.examples, settings.batch_size, settings.max_seq_length, seed=settings.seed,
+                        pack=settings.pack,
                         reference=reference)
     return BatchPlan(split.examples, settings.batch_size, settings.max_seq_length, pack=settings.pack,
                      seed=settings.seed, batch_tokens=settings.batch_tokens)

@@ -49,7 +49,8 @@ class Batch:
     positions: np.ndarray | None  # (K,) int32: flat loss positions, padded with weight-0 entries
     examples: int
     n_positions: int = 0  # real entries at the front of positions
-    reference: np.ndarray | None = None  # (B,) float32: each row's reference log-prob (preference training)
+    reference: np.ndarray | None = None  # (S,) float32: each sequence's reference log-prob (preference training)
+    sequence_of: np.ndarray | None = None  # (B, T) int32: which of the batch's S sequences a target belongs to
 
     @property
     def loss_tokens(self) -> int:
@@ -70,6 +71,10 @@ class Batch:
             out["segments"] = mx.array(self.segments)
         if self.reference is not None:
             out["reference"] = mx.array(self.reference)
+        if self.sequence_of is not None:
+            flat = self.sequence_of.reshape(-1)
+            out["sequence_of"] = mx.array(flat[self.positions] if self.positions is not None else flat)
+            out["sequences"] = mx.arange(int(self.sequence_of.max()) + 1)
         return out
 
 
@@ -183,24 +188,30 @@ class BatchPlan:
     def build(self, b: int) -> Batch:
         return self.build_rows(self.batches[b])
 
-    def build_rows(self, rows: list[list[int]]) -> Batch:
-        """A padded batch of these rows (each a list of example numbers packed into one row)."""
+    def build_rows(self, rows: list[list[int]], order: list[int] | None = None) -> Batch:
+        """A padded batch of these rows (each a list of example numbers packed into one row). `order` lists
+        the batch's examples in the order their `sequence_of` numbers them (None: no sequence numbers)."""
         seqs = [[self.examples[i] for i in row] for row in rows]
         width = self._row_width(max(sum(e.length for e in row) for row in seqs))
         tokens = np.zeros((len(rows), width), np.int32)
         mask = np.zeros((len(rows), width), bool)
         segments = np.zeros((len(rows), width), np.int32)
-        for r, row in enumerate(seqs):
+        sequence_of = np.zeros((len(rows), width), np.int32)
+        number = {example: n for n, example in enumerate(order or [])}
+        for r, row in enumerate(rows):
             at = 0
-            for s, ex in enumerate(row, 1):
+            for s, i in enumerate(row, 1):
+                ex = self.examples[i]
                 tokens[r, at: at + ex.length] = ex.tokens
                 mask[r, at: at + ex.length] = ex.mask
                 segments[r, at: at + ex.length] = s
+                sequence_of[r, at: at + ex.length] = number.get(i, 0)
                 at += ex.length
         weights = mask[:, 1:].astype(np.float32)
         batch = Batch(inputs=tokens[:, :-1], targets=tokens[:, 1:], weights=weights,
                       segments=segments[:, :-1] if self.pack else None, positions=None,
-                      examples=sum(len(row) for row in rows))
+                      examples=sum(len(row) for row in rows),
+                      sequence_of=sequence_of[:, :-1] if order is not None else None)
         flat = np.flatnonzero(weights.reshape(-1)).astype(np.int32)
         # a few sizes per batch shape (not one per count), so the compiled step rarely re-traces
         for share in GATHER_SHARES:
@@ -215,31 +226,40 @@ class BatchPlan:
 class PairPlan(BatchPlan):
     """A preference split's plan: its examples come as (chosen, rejected) pairs, 2i and 2i + 1.
 
-    A batch holds `batch_size` pairs, each as two adjacent rows (row 2j chosen, row 2j + 1 rejected), so a pair
-    is always in one batch (and, under data parallelism, on one rank: `batches` lists pairs). Pairs are sorted
-    by their longer reply, like rows of a BatchPlan; there is no packing. `reference` holds every example's
-    reference log-probability (DPO), which each batch carries.
+    A batch holds `batch_size` pairs, so a pair is always in one batch (and, under data parallelism, on one
+    rank: `batches` lists pairs); pairs are sorted by their longer reply, like rows of a BatchPlan. Unpacked,
+    each pair is two adjacent rows (chosen, rejected); with `pack` the batch's replies are packed into rows of
+    max_seq_length (best fit, kept apart in attention). Either way `sequence_of` numbers each target's
+    sequence: 2j the chosen and 2j + 1 the rejected reply of the batch's pair j. `reference` holds every
+    example's reference log-probability (DPO), which each batch carries in that order.
     """
 
     def __init__(self, examples: list[TokenizedExample], batch_size: int, max_seq_length: int, *, seed: int = 0,
-                 shuffle: bool = True, reference: np.ndarray | None = None) -> None:
-        self.examples, self.pack, self.seed, self.shuffle = examples, False, seed, shuffle
+                 shuffle: bool = True, reference: np.ndarray | None = None, pack: bool = False) -> None:
+        self.examples, self.pack, self.seed, self.shuffle = examples, pack, seed, shuffle
         self.max_seq_length, self.reference = max_seq_length, reference
         longest = [max(examples[2 * p].length, examples[2 * p + 1].length) for p in range(len(examples) // 2)]
         pairs = [(2 * p, 2 * p + 1) for p in sorted(range(len(longest)), key=lambda p: (longest[p], p))]
         self.rows = [[i] for pair in pairs for i in pair]
         self.batches = [pairs[i: i + batch_size] for i in range(0, len(pairs), batch_size)]
 
+    def _rows(self, b: int) -> list[list[int]]:
+        """The batch's rows: one reply each, or (packed) several."""
+        order = [i for pair in self.batches[b] for i in pair]
+        if not self.pack:
+            return [[i] for i in order]
+        packed = _pack([self.examples[i].length for i in order], self.max_seq_length + 1)
+        return [[order[k] for k in row] for row in packed]
+
     def width(self, b: int) -> int:
-        longest = max(self.examples[i].length for pair in self.batches[b] for i in pair)
-        return min(bucket(longest - 1), self.max_seq_length)
+        return self._row_width(max(sum(self.examples[i].length for i in row) for row in self._rows(b))) - 1
 
     def shapes(self) -> set[tuple[int, int]]:
-        return {(2 * len(self.batches[b]), self.width(b)) for b in range(len(self.batches))}
+        return {(len(self._rows(b)), self.width(b)) for b in range(len(self.batches))}
 
     def build(self, b: int) -> Batch:
-        pairs = self.batches[b]
-        batch = self.build_rows([[i] for pair in pairs for i in pair])
+        order = [i for pair in self.batches[b] for i in pair]
+        batch = self.build_rows(self._rows(b), order)
         if self.reference is not None:
-            batch.reference = self.reference[[i for pair in pairs for i in pair]].astype(np.float32)
+            batch.reference = self.reference[order].astype(np.float32)
         return batch

@@ -1,8 +1,8 @@
 """Preference losses on batches of (chosen, rejected) rows: DPO (sigmoid, IPO, hinge) and ORPO.
 
-A preference batch (lorakit.engine.data.batching.PairPlan) holds each pair as two adjacent rows, chosen first;
-its weights mark the reply tokens. `sequence_logps` sums each row's reply-token log-probabilities (what TRL and
-mlx-lm-lora call logps). With pi the policy's and ref the reference model's (the base, adapter off) logps:
+A preference batch (lorakit.engine.data.batching.PairPlan) numbers its sequences chosen, rejected, chosen, ...
+(two rows per pair, or packed rows); its weights mark the reply tokens. `sequence_logps` sums each sequence's
+reply-token log-probabilities (what TRL and mlx-lm-lora call logps). With pi the policy's and ref the reference model's (the base, adapter off) logps:
 
   DPO sigmoid  -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))          (Rafailov et al. 2023)
   DPO hinge    relu(1 - beta * ((pi_c - ref_c) - (pi_r - ref_r)))              (SLiC)
@@ -32,11 +32,10 @@ DPO_VARIANTS = ("sigmoid", "ipo", "hinge")
 
 
 def sequence_logps(model: nn.Module, batch: dict[str, Any], head: str | None) -> tuple[mx.array, mx.array]:
-    """Each row's summed reply-token log-probability, and its number of reply tokens."""
-    ce, weights, positions = token_losses(model, batch, head)  # ce already weighted
-    rows = batch["inputs"].shape[0]
-    row_of = positions // batch["inputs"].shape[1]
-    onehot = (row_of[None, :] == mx.arange(rows)[:, None]).astype(mx.float32)
+    """Each sequence's summed reply-token log-probability, and its number of reply tokens (sequences as
+    `batch["sequence_of"]` numbers them: one per row, or several per packed row)."""
+    ce, weights, _ = token_losses(model, batch, head)  # ce already weighted
+    onehot = (batch["sequence_of"][None, :] == batch["sequences"][:, None]).astype(mx.float32)
     return onehot @ -ce, onehot @ weights
 
 

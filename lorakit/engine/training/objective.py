@@ -95,9 +95,6 @@ def objective_for(settings: TrainSettings, train_set: Split, valid_set: Split | 
     if not pairs:
         raise UserError(f"--objective {chosen}: {train_set.path} holds {train_set.format} records, not "
                         "preference pairs; prepare records with prompt, chosen and rejected")
-    if settings.pack:
-        raise UserError(f"--pack: --objective {chosen} keeps each pair as two rows of one batch and does not "
-                        "pack; drop --pack")
     if chosen == "orpo":
         return ORPO(head, settings.beta)
     return DPO(head, settings.beta, settings.dpo_loss)
