@@ -240,6 +240,8 @@ def test_orpo_trains_and_objective_mismatches_are_user_errors(tiny_model, pair_d
         train.run(_settings(tiny_model, pair_data, tmp_path / "sft", objective="sft"), Reporter())
     packed = train.run(_settings(tiny_model, pair_data, tmp_path / "pack", pack=True, iters=2), Reporter())
     assert packed.final_val_loss is not None and packed.layout.startswith("--pack")  # pairs pack too
+    replies = sum(1 for line in (pair_data / "train.jsonl").read_text().splitlines() if line.strip())
+    assert packed.trained_tokens > 2 * replies  # reply tokens of both replies, not pairs
     chat = tmp_path / "chat"
     chat.mkdir()
     _write_pairs(chat / "train.jsonl", [{"prompt": "hi", "completion": "hello"}])

@@ -47,13 +47,15 @@ class TrainState:
 class ReportWindow:
     """Totals over the steps since the last train report."""
 
-    loss: float = 0.0  # summed token loss
-    tokens: int = 0
+    loss: float = 0.0  # summed loss (over tokens, or over pairs for DPO/ORPO)
+    count: float = 0.0  # what the loss is summed over: the mean loss is loss / count
+    tokens: int = 0  # loss-bearing tokens trained (reply tokens of both replies for pairs)
     time: float = 0.0
     steps: int = 0
 
-    def add(self, loss: float, tokens: int, seconds: float) -> None:
+    def add(self, loss: float, count: float, tokens: int, seconds: float) -> None:
         self.loss += loss
+        self.count += count
         self.tokens += tokens
         self.time += seconds
         self.steps += 1

@@ -138,29 +138,30 @@ class Trainer:
         # The RNG (dropout) follows from (seed, step) alone, so a resumed run draws the same numbers.
         mx.random.seed((self.settings.seed * 1_000_003 + self.state.step) % 2**63)
         self.compiling = False
-        loss_sum, ntoks, grad_norm, nonfinite = self._micro_batches()
+        loss_sum, ntoks, tokens, grad_norm, nonfinite = self._micro_batches()
         if self.compiling:
             self.reporter.phase(None)
         # Totals over all ranks; a Ctrl-C seen by any rank stops all of them after the same step.
-        loss_sum, ntoks, self.stops_everywhere = self.world.sum_floats(loss_sum, ntoks,
-                                                                       float(self.stop.requested))
+        loss_sum, ntoks, tokens, self.stops_everywhere = self.world.sum_floats(loss_sum, ntoks, tokens,
+                                                                               float(self.stop.requested))
         if self.step_stats.size:
             self.window_stats = self.window_stats + np.array(self.world.sum_floats(*self.step_stats))
         self.state.step += 1
         self.beat()
         self.in_step = False
         self._check_step(loss_sum / max(ntoks, 1), grad_norm, nonfinite)
-        self.state.trained_tokens += int(ntoks)
+        self.state.trained_tokens += int(tokens)
         self.grad_norm = grad_norm
-        self.window.add(loss_sum, int(ntoks), time.perf_counter() - tic)
-        self.warmup.add(time.perf_counter() - tic, int(ntoks), self.compiling)
+        self.window.add(loss_sum, ntoks, int(tokens), time.perf_counter() - tic)
+        self.warmup.add(time.perf_counter() - tic, int(tokens), self.compiling)
 
-    def _micro_batches(self) -> tuple[float, float, float, int]:
+    def _micro_batches(self) -> tuple[float, float, float, float, int]:
         """Forward and backward over the step's micro-batches, then the update.
 
-        Returns (loss sum, tokens, gradient norm, weight tensors the update made non-finite)."""
+        Returns (loss sum, what it sums over (tokens, or pairs), loss-bearing tokens, gradient norm, weight
+        tensors the update made non-finite)."""
         steps, accum = self.steps, self.settings.grad_accumulation_steps
-        loss_sum = ntoks = 0.0
+        loss_sum = ntoks = tokens = 0.0
         grad = tok_sum = None
         self.step_stats = np.zeros(0)
         for micro in range(accum):
@@ -180,11 +181,11 @@ class Trainer:
                     mx.eval(steps.state, loss, tok_sum, stats, norm, bad)
                 else:
                     mx.eval(grad, loss, tok_sum, stats)
-            loss_sum, ntoks = loss_sum + loss.item(), ntoks + n.item()
+            loss_sum, ntoks, tokens = loss_sum + loss.item(), ntoks + n.item(), tokens + batch.loss_tokens
             step_stats = np.array(stats, np.float64)
             self.step_stats = step_stats if micro == 0 else self.step_stats + step_stats
             self.state.move_past(epoch, index, len(self.batches.plan))
-        return loss_sum, ntoks, norm.item(), bad.item()
+        return loss_sum, ntoks, tokens, norm.item(), bad.item()
 
     def _check_step(self, loss: float, grad_norm: float, nonfinite: int) -> None:
         """Stop at a non-finite step; a finite one verifies the newest checkpoint (its weights gave a finite
@@ -256,13 +257,13 @@ class Trainer:
     def report(self) -> None:
         """A train row for the steps since the last one: metrics.jsonl and the reporter."""
         w = self.window
-        self.last.train_loss = w.loss / max(w.tokens, 1)
+        self.last.train_loss = w.loss / max(w.count, 1)
         row = {"iteration": self.state.step, "epoch": self._epoch(), "train_loss": self.last.train_loss,
                "learning_rate": self.optimizer.learning_rate.item(),
                "iterations_per_second": w.steps / w.time, "tokens_per_second": w.tokens / w.time,
                "trained_tokens": self.state.trained_tokens, "peak_memory": mx.get_peak_memory() / 1e9,
                "grad_norm": self.grad_norm, "elapsed": self.elapsed(),
-               **self.objective.metrics(self.window_stats, w.tokens)}
+               **self.objective.metrics(self.window_stats, w.count)}
         self.window_stats = 0.0
         self.accuracy = row.get("reward_accuracy", self.accuracy)
         self.last.tokens_per_second = row["tokens_per_second"]
