@@ -228,3 +228,12 @@ def test_cli_plan_prints_a_table_or_json_and_writes_nothing(tiny_model, data, tm
     plan = json.loads(plain.stdout)
     assert plan["fits"] and plan["peak_memory_gb"] > 0 and plan["tried"]
     assert not out.exists()
+
+
+def test_an_explicit_accumulation_is_kept_and_splits_the_step():
+    s = TrainSettings(model="m", data="d", grad_accumulation_steps=4, max_seq_length=512)
+    found = candidates(s, [100] * 50 + [500] * 5)
+    assert {c.grad_accumulation_steps for c in found} == {4}
+    step = TrainSettings(model="m", data="d", batch_size=16, max_seq_length=512)
+    whole = candidates(step, [100] * 50 + [500] * 5)[0].batch_tokens  # the same step in one micro-batch
+    assert 0 <= found[0].batch_tokens * 4 - whole < 4

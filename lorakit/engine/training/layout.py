@@ -98,15 +98,16 @@ def candidates(settings: TrainSettings, lengths: list[int], free: set[str] | Non
     budgeted = budgets(free)
     base = replace(asked, pack=packing(settings, lengths)[0]) if "pack" in free and budgeted else asked
     row = _longest_row(settings, lengths, base.pack)
-    accums = _powers_of_two(MAX_ACCUMULATION) if "grad_accumulation_steps" in free else [
-        asked.grad_accumulation_steps]
+    whole = _whole_step(settings, lengths, base, budgeted)
+    # an explicit --batch-tokens is the micro-batch: accumulation then stays as asked
+    split = "grad_accumulation_steps" in free and (budgeted or asked.batch_tokens is None)
+    accums = _powers_of_two(MAX_ACCUMULATION) if split else [asked.grad_accumulation_steps]
     levels = _recompute_levels(asked, free)
     found: list[Layout] = []
     seen: set[tuple[tuple[bool, bool], int]] = set()
     for level in levels:
         for accum in accums:
-            layout = _sized(settings, lengths, replace(base, recompute_mlp=level[0], grad_checkpoint=level[1],
-                                                       grad_accumulation_steps=accum), free)
+            layout = _split(replace(whole, recompute_mlp=level[0], grad_checkpoint=level[1]), accum)
             size = layout and largest_micro_batch(layout, row)
             if layout and (level, size) not in seen:  # more accumulation that shrinks nothing: no use
                 seen.add((level, size))
@@ -126,15 +127,14 @@ def _recompute_levels(asked: Layout, free: set[str]) -> list[tuple[bool, bool]]:
     return levels
 
 
-def _sized(settings: TrainSettings, lengths: list[int], layout: Layout, free: set[str]) -> Layout | None:
-    """`layout` with its micro-batch size for its accumulation (None: the asked rows do not split evenly)."""
-    accum, asked_accum = layout.grad_accumulation_steps, settings.grad_accumulation_steps
-    if budgets(free):
-        return replace(layout, batch_tokens=-(-step_tokens(settings, lengths) // accum))
-    if settings.batch_tokens is not None:
-        return layout
-    rows = settings.batch_size * asked_accum
-    return replace(layout, batch_size=rows // accum) if rows % accum == 0 else None
+def _whole_step(settings: TrainSettings, lengths: list[int], base: Layout, budgeted: bool) -> Layout:
+    """One optimizer step as one micro-batch: the step's token budget, or all its rows (an explicit
+    --batch-tokens stays the micro-batch it is)."""
+    if budgeted:
+        return replace(base, batch_tokens=step_tokens(settings, lengths), grad_accumulation_steps=1)
+    if base.batch_tokens is not None:
+        return base
+    return replace(base, batch_size=base.batch_size * base.grad_accumulation_steps, grad_accumulation_steps=1)
 
 
 def smaller_layout(settings: TrainSettings, lengths: list[int]) -> Layout | None:
@@ -159,6 +159,8 @@ def _recomputes(layout: Layout) -> int:
 
 def _split(layout: Layout, accum: int) -> Layout | None:
     """The same optimizer step in `accum` micro-batches (None: its rows do not split evenly)."""
+    if accum == layout.grad_accumulation_steps:
+        return layout
     if layout.batch_tokens is not None:
         total = layout.batch_tokens * layout.grad_accumulation_steps
         return replace(layout, batch_tokens=-(-total // accum), grad_accumulation_steps=accum)
