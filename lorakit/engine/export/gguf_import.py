@@ -20,7 +20,13 @@ import mlx.core as mx
 import numpy as np
 
 from lorakit.engine.export.gguf_families import BY_ARCH, Family, from_gguf_layout, gguf_name, name_map
-from lorakit.engine.export.gguf_read import check_header, dequantized_tensors, metadata, open_reader
+from lorakit.engine.export.gguf_read import (
+    check_header,
+    dequantizable,
+    dequantized_tensors,
+    metadata,
+    open_reader,
+)
 from lorakit.engine.export.gguf_tokenizer import build_tokenizer
 from lorakit.engine.reporter import Reporter
 from lorakit.errors import UserError
@@ -91,6 +97,11 @@ def _read(path: Path, reporter: Reporter) -> tuple[dict[str, mx.array], dict[str
     """Tensors and metadata; types MLX's reader cannot unpack are de-quantized by the gguf package instead."""
     types = _tensor_types(path)
     unreadable = sorted(set(types.values()) - set(KEPT_QUANTIZED + FLOAT_TYPES + EXPANDED_TO_F16))
+    refused = [kind for kind in unreadable if not dequantizable(kind)]
+    if refused:
+        raise UserError(f"{path}: tensor type(s) {', '.join(refused)} are not supported; supported: {SUPPORTED}. "
+                        "Re-quantize it with llama.cpp's llama-quantize (e.g. to Q8_0 or Q4_0) or use an "
+                        "F16 GGUF.")
     if unreadable:
         return _read_dequantized(path, unreadable, reporter)
     try:
@@ -106,13 +117,8 @@ def _read_dequantized(path: Path, kinds: list[str],
                       reporter: Reporter) -> tuple[dict[str, mx.array], dict[str, Any]]:
     reader = open_reader(path)
     weights = {}
-    try:
-        for name, value in dequantized_tensors(reader):
-            weights[name] = mx.array(value.astype(np.float32 if value.ndim == 1 else np.float16))
-    except NotImplementedError:
-        raise UserError(f"{path}: tensor type(s) {', '.join(kinds)} are not supported; supported: {SUPPORTED}. "
-                        "Re-quantize it with llama.cpp's llama-quantize (e.g. to Q8_0 or Q4_0) or use an "
-                        "F16 GGUF.") from None
+    for name, value in dequantized_tensors(reader):
+        weights[name] = mx.array(value.astype(np.float32 if value.ndim == 1 else np.float16))
     reporter.warn(f"this GGUF has {', '.join(kinds)} tensors, which MLX's reader cannot unpack: all its matrices "
                   "were de-quantized to float16 by the gguf package")
     return weights, metadata(reader)

@@ -64,6 +64,13 @@ def _plain(value: Any) -> Any:
     return float(f"{value:.7g}") if isinstance(value, float) else value  # 1e-05, not float32's 9.9999997e-06
 
 
+def dequantizable(type_name: str) -> bool:
+    """Whether `gguf.quants` can de-quantize tensors of this llama.cpp type (it has a class per such type)."""
+    from gguf import quants
+
+    return type_name in ("F32", "F16") or isinstance(getattr(quants, type_name, None), type)
+
+
 def dequantized_tensors(reader) -> Iterator[tuple[str, np.ndarray]]:
     """Every tensor as float32 in its logical shape, de-quantized by `gguf.quants` (any type it reads), one at
     a time so a caller can narrow each before the next."""
