@@ -105,10 +105,7 @@ def _without_autofit_when_distributed(settings: TrainSettings, world: dist.World
 
 def _plan_only(settings: TrainSettings, reporter: Reporter, world: dist.World) -> TrainPlan:
     """--plan: load and measure as the run would, predict it, write nothing."""
-    split_path(settings.data, "train")
-    loaded = load_model(settings, reporter)
-    head = loss_head(loaded.model)
-    train_set, valid_set = _load_splits(settings, loaded, reporter)
+    loaded, head, train_set, _ = _load(settings, reporter)
     _add_adapters(settings, loaded, train_set)
     choice = fit.choose(_fixed_for_preferences(settings, train_set), loaded.model, head, train_set, timed=True,
                         reporter=reporter)
@@ -137,10 +134,7 @@ def _fixed_for_preferences(settings: TrainSettings, train_set: Split) -> TrainSe
 
 def _run(settings: TrainSettings, reporter: Reporter, world: dist.World, wall_start: float) -> TrainResult:
     resume_ckpt, clear = _start_point(settings, reporter)
-    split_path(settings.data, "train")  # fail on a wrong --data before the (slow) model load
-    loaded = load_model(settings, reporter)
-    head = loss_head(loaded.model)
-    train_set, valid_set = _load_splits(settings, loaded, reporter)
+    loaded, head, train_set, valid_set = _load(settings, reporter)
     objective = objective_for(settings, train_set, valid_set, head, reporter)
     references = _references(objective, settings, loaded, head, train_set, valid_set, reporter)
     lora_parameters, adapter_cfg = _add_adapters(settings, loaded, train_set)
@@ -163,6 +157,14 @@ def _run(settings: TrainSettings, reporter: Reporter, world: dist.World, wall_st
                           resumed_from=resume_ckpt, wall_start=wall_start, output=output, objective=objective)
         with _memory_limit(settings.max_memory):  # after autofit's probes: they measure the natural peak
             return trainer.train()
+
+
+def _load(settings: TrainSettings, reporter: Reporter) -> tuple[LoadedModel, str | None, Split, Split | None]:
+    """The model, how its loss projects hidden states (losses.loss_head), and the tokenised splits."""
+    split_path(settings.data, "train")  # fail on a wrong --data before the (slow) model load
+    loaded = load_model(settings, reporter)
+    head = loss_head(loaded.model)
+    return (loaded, head, *_load_splits(settings, loaded, reporter))
 
 
 def _start_point(settings: TrainSettings, reporter: Reporter) -> tuple[Path | None, bool]:

@@ -60,10 +60,10 @@ def choose(settings: TrainSettings, model: nn.Module, head: str | None, train_se
     choice = Choice(layout=options[0], budget_bytes=budget, by_autofit=len(options) > 1 or bool(
         free_fields(settings)), reasons=_data_reasons(settings, lengths))
     if len(options) == 1 and not timed:
-        _apply(model, options[0], settings)
+        _apply(model, options[0])
         return choice
     for layout in options:
-        _apply(model, layout, settings)
+        _apply(model, layout)
         plan = layout_plan(settings, train_set, layout)
         reporter.log(f"measuring {layout.flags()}: {3 if timed else 2} steps on its heaviest batch (the first "
                      "compiles)")
@@ -80,7 +80,7 @@ def layout_plan(settings: TrainSettings, train_set: Split, layout: Layout) -> Ba
                      seed=settings.seed, batch_tokens=layout.batch_tokens)
 
 
-def _apply(model: nn.Module, layout: Layout, settings: TrainSettings) -> None:
+def _apply(model: nn.Module, layout: Layout) -> None:
     """The layout's recomputation in the backward pass: whole blocks, or only their MLPs, or none."""
     use_grad_checkpoint(model, layout.grad_checkpoint)
     use_mlp_recompute(model, layout.recompute_mlp and not layout.grad_checkpoint)
