@@ -263,3 +263,58 @@ def test_lean_swiglu_gives_the_same_loss_and_gradients(tiny_model):
     for (name, a), (_, b) in zip(tree_flatten(g_ref), tree_flatten(g_lean), strict=True):
         assert mx.abs(a - b).max().item() <= 1e-5 * mx.abs(a).max().item(), name
     assert use_lean_swiglu(_lora_model(tiny_model), {"hidden_act": "gelu"}) == 0
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+def test_unpacked_dequantize_gives_mlx_values(bits, dtype):
+    from lorakit.engine.model.qlora import unpack_dequantize
+
+    mx.random.seed(1)
+    for group in (32, 64):
+        w, scales, biases = mx.quantize(mx.random.normal((3, 40, 256)).astype(dtype), group, bits)
+        expected = mx.dequantize(w, scales, biases, group_size=group, bits=bits)
+        got = mx.compile(lambda *a, g=group: unpack_dequantize(*a, g, bits))(w, scales, biases)
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        # the same values up to one rounding of the multiply-add (fused or not)
+        ulp = {mx.float32: 2**-23, mx.float16: 2**-10, mx.bfloat16: 2**-7}[dtype]
+        assert mx.abs(got - expected).max().item() <= ulp * mx.abs(expected).max().item()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_quantized_head_is_dequantized_once_with_the_same_loss_and_gradients(tiny_model, monkeypatch, tied):
+    from lorakit.engine.model import qlora
+
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 384 * 50)  # several vocabulary-projection chunks
+    model = _lora_model(tiny_model)
+    if not tied:  # an untied, quantized lm_head instead of the tied embedding
+        model.lm_head = nn.Linear(model.model.embed_tokens.weight.shape[1], model.model.embed_tokens.weight.shape[0],
+                                  bias=False)
+        model.lm_head.weight = model.model.embed_tokens.weight * 1.5
+        model.args.tie_word_embeddings = False
+    nn.quantize(model, group_size=32, bits=4, class_predicate=lambda p, m: p in ("lm_head", "model.embed_tokens"))
+    model.freeze(keys=["weight", "scales", "biases"], strict=False)
+    model.unfreeze(keys=["lora_a", "lora_b"], strict=False)
+    head = losses.loss_head(model)
+    assert head == ("tied" if tied else "lm_head")
+    arrays = BatchPlan(_examples(4, False), batch_size=4, max_seq_length=256, seed=0).build(0).to_mx()
+    (l_ref, _), g_ref = nn.value_and_grad(model, losses.batch_loss)(model, arrays, head)
+    calls = []
+    matmul = qlora._dequantized_matmul
+    monkeypatch.setattr(qlora, "_dequantized_matmul", lambda *a: calls.append(a) or matmul(*a))
+    qlora.use_dequantized_matmuls(model)
+    (l_fast, _), g_fast = nn.value_and_grad(model, losses.batch_loss)(model, arrays, head)
+    assert not calls  # the head went through head_projection, not a de-quantizing matmul per chunk
+    assert l_fast.item() == pytest.approx(l_ref.item(), rel=1e-5)
+    for (name, a), (_, b) in zip(tree_flatten(g_ref), tree_flatten(g_fast), strict=True):
+        assert mx.abs(a - b).max().item() <= 1e-4 * mx.abs(a).max().item(), name
+
+
+def test_the_cpu_fast_path_computes_in_float32_on_packed_weights():
+    from lorakit.engine.model.qlora import use_dequantized_matmuls
+
+    layer = nn.QuantizedLinear.from_linear(nn.Linear(64, 32), group_size=32, bits=4)
+    layer.set_dtype(mx.float16)
+    assert use_dequantized_matmuls(layer) == 1
+    assert layer.weight.dtype == mx.uint32 and layer.scales.dtype == mx.float32
+    assert layer(mx.ones((2, 64), mx.float32)).dtype == mx.float32

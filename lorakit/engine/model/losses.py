@@ -26,6 +26,7 @@ from mlx import nn
 from mlx.utils import tree_flatten
 
 from lorakit.engine.data.batching import PackedMask
+from lorakit.engine.model.qlora import head_projection
 
 CHUNK_ELEMENTS = 2**26  # logits per vocabulary-projection chunk (256 MB in float32)
 
@@ -169,6 +170,7 @@ def batch_loss(model: nn.Module, batch: dict[str, Any], head: str | None = None)
     module = _head_module(model, head)
     vocab_size = module.weight.shape[0]
     frozen = not tree_flatten(module.trainable_parameters())
-    loss = chunked_cross_entropy(partial(_project, model, head=head), hidden, targets.reshape(-1),
-                                 weights.reshape(-1), vocab_size, fused_grad=model.training and frozen)
+    project = head_projection(module, hidden) or partial(_project, model, head=head)
+    loss = chunked_cross_entropy(project, hidden, targets.reshape(-1), weights.reshape(-1), vocab_size,
+                                 fused_grad=model.training and frozen)
     return loss, weights.sum()
