@@ -4,7 +4,8 @@
 # Usage (repo root, after `source .gpu/b/setup.sh`):
 #   bash benchmarks/gpu_suite.sh [model] [steps] [seconds] [runs]
 # runs: comma list of attention, uniform, longtail, longtail_mask, longtail_pack, longtail_mask_pack,
-#       qlora_block, 8b_bf16, 8b_q4, 8b_q4_budget, uniform_lean (the QLoRA and lean-step runs; 8b_* use the Llama-3.1-8B shape),
+#       qlora_block, 8b_bf16, 8b_q4, 8b_q4_budget, 8b_bf16_budget, uniform_budget, queue_peak, uniform_lean
+#       (the QLoRA, --max-memory and lean-step runs of issue 15; 8b_* and queue_peak use the Llama-3.1-8B shape),
 #       longtail_auto, longtail_mask_auto, uniform_auto (issue 16: lorakit with no layout flags, its --plan beside the run)
 # (default: all, in that order; a run that would start past [seconds], default 530, is skipped).
 # mlx-lm always runs at batch 8; lorakit variants set their own batch (pack: rows of max_len tokens).
@@ -39,8 +40,14 @@ for run in ${RUNS//,/ }; do
                  python benchmarks/qlora_bench.py 2>>"$OUT/table.txt" >"$OUT/qlora_block.json" ;;
     8b_bf16) bench 8b_bf16 $B8 --trainers mlx-lm,lorakit ;;
     8b_q4) bench 8b_q4 $B8 --quantize 4 --trainers mlx-lm,lorakit --variant no-fast-qlora:fast_qlora=false ;;
-    8b_q4_budget) bench 8b_q4_budget $B8 --quantize 4 --trainers mlx-lm,lorakit --variant mem30:max_memory=30 \
-                    --variant mem24:max_memory=24 ;;
+    8b_q4_budget) bench 8b_q4_budget $B8 --quantize 4 --trainers mlx-lm,lorakit --variant mem26:max_memory=26 \
+                    --variant mem40:max_memory=40 ;;
+    8b_bf16_budget) bench 8b_bf16_budget $B8 --trainers lorakit --lorakit-opt max_memory=26 ;;
+    uniform_budget) bench uniform_budget $B --data uniform --trainers mlx-lm,lorakit --variant mem24:max_memory=24 ;;
+    queue_peak) echo "== queue_peak" | tee -a "$OUT/table.txt"
+                python benchmarks/qlora_peak.py --model llama-3.1-8b --blocks 8 --batch 4 --length 1024 \
+                  --row bf16: --row q4:quantize=4 --row q4-ops2:quantize=4,env_MLX_MAX_OPS_PER_BUFFER=2 \
+                  --row q4-mlp:quantize=4,recompute_mlp=1 2>>"$OUT/table.txt" >"$OUT/queue_peak.json" ;;
     longtail_auto) bench longtail_auto $B --data longtail --plan --trainers mlx-lm,lorakit --variant fixed:autofit=false ;;
     longtail_mask_auto) bench longtail_mask_auto $B --data longtail --mask-prompt --plan --trainers mlx-lm,lorakit ;;
     uniform_auto) bench uniform_auto $B --data uniform --plan --trainers mlx-lm,lorakit --variant fixed:autofit=false ;;

@@ -3,6 +3,7 @@
 import json
 import random
 
+import mlx.core as mx
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -94,8 +95,20 @@ def test_a_smaller_max_memory_changes_the_layout_and_the_run_stays_under_it(tiny
     out = tmp_path / "run"
     result = train.run(settings(tiny_model, data, out, max_memory=budget, iters=None, epochs=1),
                        RecordingReporter())
-    assert result.layout != roomy.layout and saved_layout(out)["grad_checkpoint"]
+    saved = saved_layout(out)
+    assert result.layout != roomy.layout and (saved["grad_checkpoint"] or saved["recompute_mlp"])
     assert result.peak_memory_gb <= budget
+
+
+def test_max_memory_bounds_mlx_queue_for_the_probes_and_the_run_only(tiny_model, data, tmp_path):
+    from lorakit.engine.training import fit
+
+    before = mx.get_memory_limit()
+    with fit.queue_limit(settings(tiny_model, data, tmp_path / "run", max_memory=3.0)):
+        assert mx.get_memory_limit() == int(fit.QUEUE_LIMIT * 3.0e9)
+    assert mx.get_memory_limit() == before
+    with fit.queue_limit(settings(tiny_model, data, tmp_path / "run")):
+        assert mx.get_memory_limit() == before  # no --max-memory: MLX's own limit
 
 
 def test_an_impossible_budget_exits_2_with_the_smallest_that_fits(tiny_model, data, tmp_path):

@@ -64,20 +64,6 @@ def run(settings: TrainSettings, reporter: Reporter) -> TrainResult | TrainPlan:
 
 
 @contextlib.contextmanager
-def _memory_limit(gigabytes: float | None) -> Iterator[None]:
-    """--max-memory: above it, MLX waits for queued work to finish (freeing its buffers) before allocating
-    more; without it, queued work may hold e.g. many layers' de-quantized QLoRA weights at once."""
-    if gigabytes is None:
-        yield
-        return
-    previous = mx.set_memory_limit(int(gigabytes * 1e9))
-    try:
-        yield
-    finally:
-        mx.set_memory_limit(previous)
-
-
-@contextlib.contextmanager
 def _adapter_path_lock(out: Path, world: dist.World) -> Iterator[None]:
     """One run at a time in --adapter-path (rank 0 writes, so rank 0 holds the lock); a killed run's
     half-written files are cleared under it."""
@@ -155,7 +141,7 @@ def _run(settings: TrainSettings, reporter: Reporter, world: dist.World, wall_st
         trainer = Trainer(settings, reporter, world=world, loaded=loaded, head=head, adapter_cfg=adapter_cfg,
                           optimizer=optimizer, batches=batches, state=state, sizes=sizes,
                           resumed_from=resume_ckpt, wall_start=wall_start, output=output, objective=objective)
-        with _memory_limit(settings.max_memory):  # after autofit's probes: they measure the natural peak
+        with fit.queue_limit(settings):
             return trainer.train()
 
 
@@ -163,6 +149,8 @@ def _load(settings: TrainSettings, reporter: Reporter) -> tuple[LoadedModel, str
     """The model, how its loss projects hidden states (losses.loss_head), and the tokenised splits."""
     split_path(settings.data, "train")  # fail on a wrong --data before the (slow) model load
     loaded = load_model(settings, reporter)
+    if settings.fast_qlora and helps_here():  # before DPO's reference log-probs: they must match the policy's
+        use_dequantized_matmuls(loaded.model)
     head = loss_head(loaded.model)
     return (loaded, head, *_load_splits(settings, loaded, reporter))
 
@@ -226,8 +214,6 @@ def _add_adapters(settings: TrainSettings, loaded: LoadedModel, train_set: Split
     adapter_cfg = adapter_config(settings, loaded, lora_parameters,
                                  rendering=rendering_of(train_set, loaded.tokenizer))
     use_mixed_precision_lora(loaded.model)
-    if settings.fast_qlora and helps_here():
-        use_dequantized_matmuls(loaded.model)
     if settings.lean_activations:
         use_lean_swiglu(loaded.model, loaded.config)
     return lora_parameters, adapter_cfg  # gradient checkpointing comes with the layout (fit.choose)

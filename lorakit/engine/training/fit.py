@@ -7,7 +7,9 @@ HEADROOM x the budget is the run's. Fields the user set are never changed; with 
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -23,6 +25,7 @@ from lorakit.errors import UserError
 from lorakit.settings import TrainSettings
 
 HEADROOM = 0.9  # other batch shapes and validation may need a little more than the probed one
+QUEUE_LIMIT = 0.8  # MLX's memory limit, as a share of --max-memory (see queue_limit)
 
 
 @dataclass
@@ -62,17 +65,37 @@ def choose(settings: TrainSettings, model: nn.Module, head: str | None, train_se
     if len(options) == 1 and not timed:
         _apply(model, options[0])
         return choice
-    for layout in options:
-        _apply(model, layout)
-        plan = layout_plan(settings, train_set, layout)
-        reporter.log(f"measuring {layout.flags()}: {3 if timed else 2} steps on its heaviest batch (the first "
-                     "compiles)")
-        measured = measure(model, head, settings, plan, layout.grad_accumulation_steps, timed)
-        choice.tried.append((layout, measured))
-        if not measured.out_of_memory and (measured.peak_bytes <= HEADROOM * budget or len(options) == 1):
-            choice.layout, choice.measured = layout, measured
-            return choice
-    raise _too_small(settings, budget, choice.tried, lengths)
+    with queue_limit(settings):  # probes measure the peak the run will have
+        for layout in options:
+            _apply(model, layout)
+            plan = layout_plan(settings, train_set, layout)
+            reporter.log(f"measuring {layout.flags()}: {3 if timed else 2} steps on its heaviest batch (the "
+                         "first compiles)")
+            measured = measure(model, head, settings, plan, layout.grad_accumulation_steps, timed)
+            choice.tried.append((layout, measured))
+            if not measured.out_of_memory and (measured.peak_bytes <= HEADROOM * budget or len(options) == 1):
+                choice.layout, choice.measured = layout, measured
+                return choice
+    # the advice needs the smallest layout's peak without the queue limit: a budget above it fits for sure
+    smallest = options[-1]
+    natural = measure(model, head, settings, layout_plan(settings, train_set, smallest),
+                      smallest.grad_accumulation_steps, False)
+    raise _too_small(settings, budget, smallest, natural, lengths)
+
+
+@contextlib.contextmanager
+def queue_limit(settings: TrainSettings) -> Iterator[None]:
+    """With --max-memory, MLX's memory limit: above it MLX waits for queued GPU work to finish (and free its
+    buffers) before encoding more. Without it the CPU runs ahead and allocates the outputs of work queued
+    many layers ahead: on an H200, 5 GB of a Llama-1B step's 26 GB, and more with de-quantized weights."""
+    if settings.max_memory is None:
+        yield
+        return
+    previous = mx.set_memory_limit(int(QUEUE_LIMIT * settings.max_memory * 1e9))
+    try:
+        yield
+    finally:
+        mx.set_memory_limit(previous)
 
 
 def layout_plan(settings: TrainSettings, train_set: Split, layout: Layout) -> BatchPlan:
@@ -97,14 +120,14 @@ def _data_reasons(settings: TrainSettings, lengths: list[int]) -> list[str]:
     return reasons
 
 
-def _too_small(settings: TrainSettings, budget: int, tried: list[tuple[Layout, Measured]],
+def _too_small(settings: TrainSettings, budget: int, smallest: Layout, measured: Measured,
                lengths: list[int]) -> UserError:
     """Exit 2: even the smallest layout does not fit; name the budget that would."""
-    ran = [(m.peak_bytes, layout.flags()) for layout, m in tried if not m.out_of_memory]
-    peak, flags = min(ran) if ran else (0, "")
+    peak = measured.peak_bytes
     enough = float(f"{peak * 1.1 / HEADROOM / 1e9:.2g}") * 1.1  # a margin: peaks vary a little run to run
-    need = (f"the smallest layout ({flags}) measured {peak / 1e9:.3g} GB, so pass --max-memory {enough:.2g} "
-            "or more" if ran else "even the smallest layout ran out of memory")
+    need = ("even the smallest layout ran out of memory" if measured.out_of_memory else
+            f"the smallest layout ({smallest.flags()}) measured {peak / 1e9:.3g} GB, so pass --max-memory "
+            f"{enough:.2g} or more")
     return UserError(f"--max-memory {budget / 1e9:.3g} GB is too small for this run: {need}; or lower "
                      f"--max-seq-length (now {settings.max_seq_length}, longest example {max(lengths)} tokens), "
                      "--lora-rank or --num-layers, or quantize the base (--quantize 4)")
