@@ -35,6 +35,7 @@ def _row(model: str, blocks: int, batch: int, length: int, opts: dict) -> dict:
     from lorakit.engine.training.lean import use_lean_swiglu
     from lorakit.engine.training.probe import measure
     from lorakit.engine.training.speedups import (
+        set_checkpointed,
         use_grad_checkpoint,
         use_mixed_precision_lora,
         use_mlp_recompute,
@@ -51,6 +52,8 @@ def _row(model: str, blocks: int, batch: int, length: int, opts: dict) -> dict:
     use_lean_swiglu(bm.model, bm.config)
     if opts.get("recompute_mlp") == "1":
         use_mlp_recompute(bm.model)
+    if opts.get("recompute_attn") == "1":
+        set_checkpointed([block.self_attn for block in bm.model.layers], True)
     if opts.get("checkpoint") == "1":
         use_grad_checkpoint(bm.model)
     if "limit_gb" in opts:
@@ -93,7 +96,7 @@ def main(
     blocks: Annotated[int, typer.Option(help="Transformer blocks to build.")] = 8,
     batch: Annotated[int, typer.Option(help="Rows.")] = 4,
     length: Annotated[int, typer.Option(help="Tokens per row.")] = 1024,
-    row: Annotated[list[str], typer.Option(help="label:key=value,... (quantize, fast, recompute_mlp, checkpoint, "
+    row: Annotated[list[str], typer.Option(help="label:key=value,... (quantize, fast, recompute_mlp, recompute_attn, checkpoint, "
                                                 "limit_gb, env_NAME)")] = ["bf16:", "q4:quantize=4"],
     one: Annotated[str | None, typer.Option(hidden=True)] = None,
     dequantize: Annotated[bool, typer.Option(help="Also time the two de-quantizations.")] = True,
