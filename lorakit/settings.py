@@ -227,7 +227,8 @@ class TrainSettings(SeedOption, ModelOptions):
         False, description="Recompute only the MLPs in backward: about half the memory of no checkpointing."
     )
     max_memory: float | None = Field(
-        None, gt=0, description="Memory budget in GB the run must fit (default: what the device reports usable)."
+        None, gt=0, description="Memory budget in GB the run must fit (default: what the device reports usable); "
+        "MLX stops queueing work ahead of the GPU at 0.8x of it."
     )
     autofit: bool = Field(
         True, description="Choose packing, batch layout, checkpointing, accumulation: fastest that fits."
