@@ -380,3 +380,14 @@ def test_write_failure_cleans_staging(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         prepare([SAMPLE / "support.jsonl"], tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_same_data_gives_the_same_files_wherever_it_lies(tmp_path):
+    data = [qa(i) for i in range(40)]
+    for where in ("a/deep/dir", "b"):
+        (tmp_path / where).mkdir(parents=True)
+        write_jsonl(tmp_path / where / "data.jsonl", data)
+        prepare([tmp_path / where / "data.jsonl"], tmp_path / f"out-{where.replace('/', '-')}")
+    for name in ("train.jsonl", "valid.jsonl", "test.jsonl"):
+        a, b = (tmp_path / "out-a-deep-dir" / name), (tmp_path / "out-b" / name)
+        assert a.read_bytes() == b.read_bytes(), name

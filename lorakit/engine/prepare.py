@@ -140,7 +140,8 @@ def _prepare(settings: PrepareSettings, reporter: Reporter) -> PrepareResult:
     for i in keep:
         splits[SPLITS[assignment[i]]].append(items[i])
     for name, members in splits.items():
-        members.sort(key=lambda it: splitting.stable_hash(settings.seed, f"{it.file}\0{it.line}"))
+        # keyed by the file's name, not its path: the same data gives the same files wherever it lies
+        members.sort(key=lambda it: splitting.stable_hash(settings.seed, f"{Path(it.file).name}\0{it.line}"))
         if not members and settings.split[SPLITS.index(name)] > 0:
             reporter.warn(f"{name} split is empty ({len(keep)} examples are too few for the ratios "
                           f"{','.join(map(str, settings.split))})")
