@@ -76,10 +76,11 @@ def choose(settings: TrainSettings, model: nn.Module, head: str | None, train_se
             if not measured.out_of_memory and (measured.peak_bytes <= HEADROOM * budget or len(options) == 1):
                 choice.layout, choice.measured = layout, measured
                 return choice
-    # the advice needs the smallest layout's peak without the queue limit: a budget above it fits for sure
-    smallest = options[-1]
-    natural = measure(model, head, settings, layout_plan(settings, train_set, smallest),
-                      smallest.grad_accumulation_steps, False)
+    smallest, natural = choice.tried[-1]
+    if settings.max_memory is not None:
+        # the advice needs the smallest layout's peak without the queue limit: a budget above it fits for sure
+        natural = measure(model, head, settings, layout_plan(settings, train_set, smallest),
+                          smallest.grad_accumulation_steps, False)
     raise _too_small(settings, budget, smallest, natural, lengths)
 
 
