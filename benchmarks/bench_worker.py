@@ -54,6 +54,12 @@ def main() -> None:
     # a lorakit variant may load the model in another dtype (e.g. a GGUF as shipped vs de-quantized)
     dtype = spec.get("lorakit_opts", {}).get("dtype", spec["dtype"]) if spec["trainer"].startswith("lorakit") \
         else spec["dtype"]
+    if spec["trainer"].startswith("lorakit"):  # what `lorakit train` sets before its model loads
+        from types import SimpleNamespace
+
+        from lorakit.engine.training.fit import shallow_queue
+
+        shallow_queue(SimpleNamespace(max_memory=spec.get("lorakit_opts", {}).get("max_memory")))
     bm = bench_models.build(spec["model"], dtype, seed=spec["seed"], scratch=Path(spec["scratch"]),
                             quantize=spec.get("quantize"))
     blas = blas_loaded()

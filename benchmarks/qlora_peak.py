@@ -29,8 +29,8 @@ def _row(model: str, blocks: int, batch: int, length: int, opts: dict) -> dict:
 
     from lorakit.engine.data.batching import BatchPlan
     from lorakit.engine.data.tokenized import TokenizedExample
+    from lorakit.engine.model import losses
     from lorakit.engine.model.adapters import apply_adapters
-    from lorakit.engine.model.losses import loss_head
     from lorakit.engine.model.qlora import use_dequantized_matmuls
     from lorakit.engine.training.lean import use_lean_swiglu
     from lorakit.engine.training.probe import measure
@@ -50,6 +50,8 @@ def _row(model: str, blocks: int, batch: int, length: int, opts: dict) -> dict:
     if opts.get("fast", "1") == "1":
         use_dequantized_matmuls(bm.model)
     use_lean_swiglu(bm.model, bm.config)
+    if "chunk" in opts:  # logits per chunk of the loss's vocabulary projection
+        losses.CHUNK_ELEMENTS = int(opts["chunk"])
     if opts.get("recompute_mlp") == "1":
         use_mlp_recompute(bm.model)
     if opts.get("recompute_attn") == "1":
@@ -63,7 +65,7 @@ def _row(model: str, blocks: int, batch: int, length: int, opts: dict) -> dict:
                 for _ in range(batch)]
     plan = BatchPlan(examples, batch, length, seed=0)
     weights = mx.get_active_memory()
-    result = measure(bm.model, loss_head(bm.model), settings, plan, 1, timed=True)
+    result = measure(bm.model, losses.loss_head(bm.model), settings, plan, 1, timed=True)
     return {"weights_gb": round(weights / 1e9, 3), "peak_gb": round(result.peak_bytes / 1e9, 3),
             "step_s": round(result.step_s or 0, 4), "tokens_per_s": round(batch * length / (result.step_s or 1))}
 
@@ -96,8 +98,8 @@ def main(
     blocks: Annotated[int, typer.Option(help="Transformer blocks to build.")] = 8,
     batch: Annotated[int, typer.Option(help="Rows.")] = 4,
     length: Annotated[int, typer.Option(help="Tokens per row.")] = 1024,
-    row: Annotated[list[str], typer.Option(help="label:key=value,... (quantize, fast, recompute_mlp, recompute_attn, checkpoint, "
-                                                "limit_gb, env_NAME)")] = ["bf16:", "q4:quantize=4"],
+    row: Annotated[list[str], typer.Option(help="label:key=value,... (quantize, fast, chunk, recompute_mlp, "
+                                                "recompute_attn, checkpoint, limit_gb, env_NAME)")] = ["bf16:", "q4:quantize=4"],
     one: Annotated[str | None, typer.Option(hidden=True)] = None,
     dequantize: Annotated[bool, typer.Option(help="Also time the two de-quantizations.")] = True,
 ) -> None:

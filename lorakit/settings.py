@@ -226,6 +226,10 @@ class TrainSettings(SeedOption, ModelOptions):
     recompute_mlp: bool = Field(
         False, description="Recompute only the MLPs in backward: about half the memory of no checkpointing."
     )
+    recompute_mlp_blocks: int | None = Field(
+        None, gt=0, description="Recompute the MLPs of only the first N blocks (implies --recompute-mlp; "
+        "autofit picks N to fill --max-memory)."
+    )
     max_memory: float | None = Field(
         None, gt=0, description="Memory budget in GB the run must fit (default: what the device reports usable); "
         "MLX stops queueing work ahead of the GPU at 0.8x of it."
@@ -275,6 +279,16 @@ class TrainSettings(SeedOption, ModelOptions):
     def _check_resume(self) -> TrainSettings:
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other; pick one")
+        return self
+
+    @model_validator(mode="after")
+    def _blocks_imply_recompute(self) -> TrainSettings:
+        if self.recompute_mlp_blocks is None or self.recompute_mlp:
+            return self
+        if "recompute_mlp" in self.model_fields_set:
+            raise ValueError("--recompute-mlp-blocks needs --recompute-mlp; drop --no-recompute-mlp")
+        self.recompute_mlp = True
+        self.model_fields_set.add("recompute_mlp")  # chosen by the user, so autofit leaves it
         return self
 
     @property

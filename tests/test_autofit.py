@@ -250,3 +250,28 @@ def test_an_explicit_accumulation_is_kept_and_splits_the_step():
     step = TrainSettings(model="m", data="d", batch_size=16, max_seq_length=512)
     whole = candidates(step, [100] * 50 + [500] * 5)[0].batch_tokens  # the same step in one micro-batch
     assert 0 <= found[0].batch_tokens * 4 - whole < 4
+
+
+def test_a_budget_between_no_and_full_mlp_recomputation_recomputes_only_some_blocks(tiny_model, data, tmp_path,
+                                                                                     monkeypatch):
+    from lorakit.engine.training import fit
+
+    monkeypatch.setattr(fit, "QUEUE_LIMIT", 100.0)  # no queue throttle: the budget run measures as the others
+    roomy = train.run(settings(tiny_model, data, tmp_path / "p", plan=True), RecordingReporter())
+    every = train.run(settings(tiny_model, data, tmp_path / "p", plan=True, recompute_mlp=True),
+                      RecordingReporter())
+    assert every.peak_memory_gb < roomy.peak_memory_gb
+    budget = (0.6 * roomy.peak_memory_gb + 0.4 * every.peak_memory_gb) / HEADROOM  # one block of two
+    plan = train.run(settings(tiny_model, data, tmp_path / "p", plan=True, max_memory=budget),
+                     RecordingReporter())
+    assert plan.tried[1]["layout"].endswith("--recompute-mlp --no-grad-checkpoint")  # every MLP first
+    assert 1 <= _parse_flags(plan.layout).get("recompute_mlp_blocks", 0) < 2, plan.layout  # the tiny model has two blocks
+    assert plan.peak_memory_gb <= HEADROOM * budget
+
+
+def test_recompute_mlp_blocks_implies_recompute_mlp_and_shows_in_the_flags(tiny_model, data, tmp_path):
+    chosen = settings(tiny_model, data, tmp_path, recompute_mlp_blocks=3)
+    assert chosen.recompute_mlp and "recompute_mlp" in chosen.model_fields_set
+    assert "--recompute-mlp --recompute-mlp-blocks 3" in candidates(chosen, [10, 20, 30])[0].flags()
+    with pytest.raises(ValueError, match="needs --recompute-mlp"):
+        settings(tiny_model, data, tmp_path, recompute_mlp_blocks=3, recompute_mlp=False)

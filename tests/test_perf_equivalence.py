@@ -251,14 +251,27 @@ def test_qlora_fast_path_trains_like_mlx_quantized_matmul(tiny_model, tmp_path, 
     np.testing.assert_allclose(fast, plain, rtol=1e-3)
 
 
-def test_lean_swiglu_gives_the_same_loss_and_gradients(tiny_model):
+@pytest.mark.parametrize("mixed_precision", [False, True])  # True: lorakit's LoRA layers, whose down
+@pytest.mark.parametrize("compiled", [False, True])  # projection also recomputes its input
+def test_lean_swiglu_gives_the_same_loss_and_gradients(tiny_model, mixed_precision, compiled):
     from lorakit.engine.training.lean import use_lean_swiglu
+    from lorakit.engine.training.speedups import use_mixed_precision_lora
 
     model = _lora_model(tiny_model)
+    if mixed_precision:
+        use_mixed_precision_lora(model)
     arrays = BatchPlan(_examples(4, False), batch_size=4, max_seq_length=256, seed=0).build(0).to_mx()
-    (l_ref, _), g_ref = nn.value_and_grad(model, losses.batch_loss)(model, arrays, None)
+
+    def loss_and_grads():
+        step = nn.value_and_grad(model, losses.batch_loss)
+        if not compiled:
+            return step(model, arrays, None)
+        state = [model.state]
+        return mx.compile(lambda a: step(model, a, None), inputs=state, outputs=state)(arrays)
+
+    (l_ref, _), g_ref = loss_and_grads()
     assert use_lean_swiglu(model, {"hidden_act": "silu"}) == len(model.layers)
-    (l_lean, _), g_lean = nn.value_and_grad(model, losses.batch_loss)(model, arrays, None)
+    (l_lean, _), g_lean = loss_and_grads()
     assert l_lean.item() == pytest.approx(l_ref.item(), rel=1e-6)
     for (name, a), (_, b) in zip(tree_flatten(g_ref), tree_flatten(g_lean), strict=True):
         assert mx.abs(a - b).max().item() <= 1e-5 * mx.abs(a).max().item(), name

@@ -67,6 +67,7 @@ def command(
     max_grad_norm: Annotated[float | None, opt(S, "max_grad_norm")] = None,
     grad_checkpoint: Annotated[bool | None, opt(S, "grad_checkpoint")] = None,
     recompute_mlp: Annotated[bool | None, opt(S, "recompute_mlp")] = None,
+    recompute_mlp_blocks: Annotated[int | None, opt(S, "recompute_mlp_blocks")] = None,
     max_memory: Annotated[float | None, opt(S, "max_memory")] = None,
     autofit: Annotated[bool | None, opt(S, "autofit")] = None,
     plan: Annotated[bool | None, opt(S, "plan")] = None,

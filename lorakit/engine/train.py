@@ -54,6 +54,7 @@ def run(settings: TrainSettings, reporter: Reporter) -> TrainResult | TrainPlan:
     reporter = world.reporter(reporter)
     dist.check_batch_size(settings.batch_size, world)
     settings = _without_autofit_when_distributed(settings, world, reporter)
+    fit.shallow_queue(settings)
     if settings.plan:
         return _plan_only(settings, reporter, world)
     # Before anything is written: an --adapter-path that is, holds or sits in an input would swallow it.
@@ -364,6 +365,7 @@ def _batches_row(s: TrainSettings, micro_per_epoch: int) -> str:
                 f"{s.batch_size * s.grad_accumulation_steps} effective")
     else:
         size = f"up to {s.batch_tokens:,} tokens x {s.grad_accumulation_steps} accumulation"
-    extras = [name for name, on in (("packed", s.pack), ("MLP recomputed", s.recompute_mlp),
+    mlps = "MLP recomputed" if s.recompute_mlp_blocks is None else f"MLP recomputed in {s.recompute_mlp_blocks} blocks"
+    extras = [name for name, on in (("packed", s.pack), (mlps, s.recompute_mlp),
                                     ("grad checkpoint", s.grad_checkpoint)) if on]
     return f"{size}{''.join(', ' + e for e in extras)}; {micro_per_epoch} per epoch"

@@ -8,9 +8,10 @@ HEADROOM x the budget is the run's. Fields the user set are never changed; with 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import mlx.core as mx
 from mlx import nn
@@ -26,6 +27,7 @@ from lorakit.settings import TrainSettings
 
 HEADROOM = 0.9  # other batch shapes and validation may need a little more than the probed one
 QUEUE_LIMIT = 0.8  # MLX's memory limit, as a share of --max-memory (see queue_limit)
+SHALLOW_QUEUE_OPS = "8"  # kernels per CUDA graph under --max-memory (MLX's default: 20; see shallow_queue)
 
 
 @dataclass
@@ -75,6 +77,7 @@ def choose(settings: TrainSettings, model: nn.Module, head: str | None, train_se
             choice.tried.append((layout, measured))
             if not measured.out_of_memory and (measured.peak_bytes <= HEADROOM * budget or len(options) == 1):
                 choice.layout, choice.measured = layout, measured
+                _fewer_mlps(settings, model, head, train_set, timed, reporter, choice)
                 return choice
     smallest, natural = choice.tried[-1]
     if settings.max_memory is not None:
@@ -82,6 +85,47 @@ def choose(settings: TrainSettings, model: nn.Module, head: str | None, train_se
         natural = measure(model, head, settings, layout_plan(settings, train_set, smallest),
                           smallest.grad_accumulation_steps, False)
     raise _too_small(settings, budget, smallest, natural, lengths)
+
+
+def _fewer_mlps(settings: TrainSettings, model: nn.Module, head: str | None, train_set: Split, timed: bool,
+                reporter: Reporter, choice: Choice) -> None:
+    """When recomputing every MLP fits and recomputing none did not, recompute only as many blocks' MLPs as
+    the budget needs: each block saves about the same, so the peaks around the budget tell how many."""
+    if "recompute_mlp_blocks" not in free_fields(settings) or len(choice.tried) < 2:
+        return
+    (none, over), (every, fits) = choice.tried[-2:]
+    blocks = len(model.layers)
+    if not (every.recompute_mlp and every.recompute_mlp_blocks is None and not over.out_of_memory
+            and none == replace(every, recompute_mlp=False) and over.peak_bytes > fits.peak_bytes):
+        return
+    target = HEADROOM * choice.budget_bytes
+    low, high = (0, over.peak_bytes), (blocks, fits.peak_bytes)  # (recomputed blocks, peak): over / under
+    for _ in range(3):  # a few probes, each placed where the line through the bracket meets the budget
+        share = (low[1] - target) / (low[1] - high[1])
+        count = min(max(low[0] + math.ceil(share * (high[0] - low[0])), low[0] + 1), high[0] - 1)
+        if count <= low[0]:
+            break
+        layout = replace(every, recompute_mlp_blocks=count)
+        _apply(model, layout)
+        reporter.log(f"measuring {layout.flags()}: {3 if timed else 2} steps on its heaviest batch")
+        measured = measure(model, head, settings, layout_plan(settings, train_set, layout),
+                           layout.grad_accumulation_steps, timed)
+        choice.tried.append((layout, measured))
+        if measured.out_of_memory or measured.peak_bytes > target:
+            low = (count, measured.peak_bytes if not measured.out_of_memory else low[1])
+        else:
+            high = (count, measured.peak_bytes)
+            choice.layout, choice.measured = layout, measured
+    _apply(model, choice.layout)
+
+
+def shallow_queue(settings: TrainSettings) -> None:
+    """With --max-memory on CUDA, MLX submits smaller CUDA graphs. It frees a kernel's buffers only once the
+    kernel's whole graph has run, with up to 10 graphs in flight: 20-kernel graphs hold GBs of finished work
+    (8B, 4 x 1024 tokens: ~6 GB) for a few % of speed. MLX reads this once, at its first GPU work, so it is
+    set before the model loads; an MLX_MAX_OPS_PER_BUFFER of the user's stays."""
+    if settings.max_memory is not None and mx.cuda.is_available():
+        os.environ.setdefault("MLX_MAX_OPS_PER_BUFFER", SHALLOW_QUEUE_OPS)
 
 
 @contextlib.contextmanager
@@ -92,7 +136,9 @@ def queue_limit(settings: TrainSettings) -> Iterator[None]:
     if settings.max_memory is None:
         yield
         return
-    previous = mx.set_memory_limit(int(QUEUE_LIMIT * settings.max_memory * 1e9))
+    # a shallow CUDA queue holds little ahead: the limit is then only a backstop at the budget itself
+    share = 1.0 if os.environ.get("MLX_MAX_OPS_PER_BUFFER") and mx.cuda.is_available() else QUEUE_LIMIT
+    previous = mx.set_memory_limit(int(share * settings.max_memory * 1e9))
     try:
         yield
     finally:
@@ -107,7 +153,7 @@ def layout_plan(settings: TrainSettings, train_set: Split, layout: Layout) -> Ba
 def _apply(model: nn.Module, layout: Layout) -> None:
     """The layout's recomputation in the backward pass: whole blocks, or only their MLPs, or none."""
     use_grad_checkpoint(model, layout.grad_checkpoint)
-    use_mlp_recompute(model, layout.recompute_mlp and not layout.grad_checkpoint)
+    use_mlp_recompute(model, layout.recompute_mlp and not layout.grad_checkpoint, layout.recompute_mlp_blocks)
 
 
 def _data_reasons(settings: TrainSettings, lengths: list[int]) -> list[str]:

@@ -19,7 +19,8 @@ from dataclasses import dataclass, replace
 from lorakit.engine.data.batching import bucket
 from lorakit.settings import TrainSettings
 
-FIELDS = ("pack", "batch_size", "batch_tokens", "grad_accumulation_steps", "recompute_mlp", "grad_checkpoint")
+FIELDS = ("pack", "batch_size", "batch_tokens", "grad_accumulation_steps", "recompute_mlp", "grad_checkpoint",
+          "recompute_mlp_blocks")
 MAX_ACCUMULATION = 64
 
 
@@ -31,6 +32,7 @@ class Layout:
     grad_accumulation_steps: int
     recompute_mlp: bool
     grad_checkpoint: bool
+    recompute_mlp_blocks: int | None = None  # with recompute_mlp: only the first N blocks' MLPs (None: all)
 
     @classmethod
     def of(cls, settings: TrainSettings) -> Layout:
@@ -45,8 +47,15 @@ class Layout:
         size = f"--batch-tokens {self.batch_tokens}" if self.batch_tokens else f"--batch-size {self.batch_size}"
         return " ".join(["--pack" if self.pack else "--no-pack", size,
                          f"--grad-accumulation-steps {self.grad_accumulation_steps}",
-                         "--recompute-mlp" if self.recompute_mlp else "--no-recompute-mlp",
+                         _recompute_flags(self),
                          "--grad-checkpoint" if self.grad_checkpoint else "--no-grad-checkpoint"])
+
+
+def _recompute_flags(layout: Layout) -> str:
+    if not layout.recompute_mlp:
+        return "--no-recompute-mlp"
+    blocks = layout.recompute_mlp_blocks
+    return "--recompute-mlp" if blocks is None else f"--recompute-mlp --recompute-mlp-blocks {blocks}"
 
 
 def budgets(free: set[str]) -> bool:
@@ -107,7 +116,8 @@ def candidates(settings: TrainSettings, lengths: list[int], free: set[str] | Non
     seen: set[tuple[tuple[bool, bool], int]] = set()
     for level in levels:
         for accum in accums:
-            layout = _split(replace(whole, recompute_mlp=level[0], grad_checkpoint=level[1]), accum)
+            layout = _split(replace(whole, recompute_mlp=level[0], grad_checkpoint=level[1],
+                                    recompute_mlp_blocks=whole.recompute_mlp_blocks if level[0] else None), accum)
             size = layout and largest_micro_batch(layout, row)
             if layout and (level, size) not in seen:  # more accumulation that shrinks nothing: no use
                 seen.add((level, size))
@@ -142,8 +152,9 @@ def smaller_layout(settings: TrainSettings, lengths: list[int]) -> Layout | None
     they are): checkpointing first, then smaller micro-batches with more accumulation."""
     now = Layout.of(settings)
     row = _longest_row(settings, lengths, now.pack)
-    full = replace(now, recompute_mlp=False, grad_checkpoint=True)
-    options = [] if now.grad_checkpoint or now.recompute_mlp else [replace(now, recompute_mlp=True)]
+    full = replace(now, recompute_mlp=False, grad_checkpoint=True, recompute_mlp_blocks=None)
+    all_mlps = replace(now, recompute_mlp=True, recompute_mlp_blocks=None)
+    options = [] if now.grad_checkpoint or all_mlps == now else [all_mlps]
     options += [] if now.grad_checkpoint else [full]
     options += [_split(full, a) for a in _powers_of_two(MAX_ACCUMULATION) if a > now.grad_accumulation_steps]
     for layout in options:
@@ -153,8 +164,10 @@ def smaller_layout(settings: TrainSettings, lengths: list[int]) -> Layout | None
     return None
 
 
-def _recomputes(layout: Layout) -> int:
-    return 2 if layout.grad_checkpoint else int(layout.recompute_mlp)
+def _recomputes(layout: Layout) -> float:
+    if layout.grad_checkpoint:
+        return 2
+    return 0.5 if layout.recompute_mlp and layout.recompute_mlp_blocks else int(layout.recompute_mlp)
 
 
 def _split(layout: Layout, accum: int) -> Layout | None:

@@ -12,10 +12,14 @@ def use_grad_checkpoint(model: nn.Module, on: bool = True) -> None:
     set_checkpointed(model.layers, on)
 
 
-def use_mlp_recompute(model: nn.Module, on: bool = True) -> None:
+def use_mlp_recompute(model: nn.Module, on: bool = True, blocks: int | None = None) -> None:
     """Recompute each block's MLP in the backward pass: it keeps only its input, which saves about half of a
-    LoRA block's activations for one more MLP forward (on=False undoes)."""
-    set_checkpointed([block.mlp for block in model.layers], on)
+    LoRA block's activations for one more MLP forward (on=False undoes). blocks: only the first N blocks'
+    MLPs (the others keep their activations)."""
+    mlps = [block.mlp for block in model.layers]
+    count = len(mlps) if blocks is None else min(blocks, len(mlps))
+    set_checkpointed(mlps[:count], on)
+    set_checkpointed(mlps[count:], False)
 
 
 _CHECKPOINTED: dict[type, type] = {}
@@ -47,7 +51,7 @@ def _checkpointed_class(cls: type) -> type:
     return _CHECKPOINTED[cls]
 
 
-class _MixedPrecisionLoRA(LoRALinear):
+class MixedPrecisionLoRA(LoRALinear):
     """LoRALinear whose branch computes in the input's dtype; the adapter weights stay float32 (Adam's
     small updates need that). mlx-lm's version multiplies bf16/fp16 inputs by float32 weights, which
     makes (and keeps for the backward pass) a float32 copy of every adapted layer's input."""
@@ -59,7 +63,7 @@ class _MixedPrecisionLoRA(LoRALinear):
 
 
 def use_mixed_precision_lora(model: nn.Module) -> None:
-    """Switch the LoRA layers to _MixedPrecisionLoRA (same parameters, same saved adapters)."""
+    """Switch the LoRA layers to MixedPrecisionLoRA (same parameters, same saved adapters)."""
     for _, module in model.named_modules():
         if type(module) is LoRALinear:
-            module.__class__ = _MixedPrecisionLoRA
+            module.__class__ = MixedPrecisionLoRA
