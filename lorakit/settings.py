@@ -223,6 +223,9 @@ class TrainSettings(SeedOption, ModelOptions):
     )
     max_grad_norm: float | None = Field(None, gt=0, description="Clip the global gradient norm to this.")
     grad_checkpoint: bool = Field(False, description="Recompute activations in backward to save memory.")
+    recompute_swiglu: bool = Field(
+        False, description="Recompute the SwiGLU product that LoRA on down_proj needs, in backward."
+    )
     recompute_mlp: bool = Field(
         False, description="Recompute only the MLPs in backward: about half the memory of no checkpointing."
     )

@@ -96,7 +96,8 @@ def test_a_smaller_max_memory_changes_the_layout_and_the_run_stays_under_it(tiny
     result = train.run(settings(tiny_model, data, out, max_memory=budget, iters=None, epochs=1),
                        RecordingReporter())
     saved = saved_layout(out)
-    assert result.layout != roomy.layout and (saved["grad_checkpoint"] or saved["recompute_mlp"])
+    assert result.layout != roomy.layout and (saved["grad_checkpoint"] or saved["recompute_mlp"]
+                                              or saved["recompute_swiglu"])
     assert result.peak_memory_gb <= budget
 
 
@@ -193,9 +194,11 @@ def test_candidates_keep_the_tokens_per_step_and_go_from_fast_to_small():
     s = TrainSettings(model="m", data="d", max_seq_length=512)
     lengths = [100] * 40 + [500] * 4
     found = candidates(s, lengths)
-    assert not found[0].grad_checkpoint and not found[0].recompute_mlp
-    assert found[1].recompute_mlp and not found[1].grad_checkpoint  # the MLPs first, then whole blocks
-    assert all(c.grad_checkpoint for c in found[2:])
+    assert not found[0].grad_checkpoint and not found[0].recompute_mlp and not found[0].recompute_swiglu
+    # the SwiGLU products first, then the MLPs, then whole blocks
+    assert found[1].recompute_swiglu and not found[1].recompute_mlp and not found[1].grad_checkpoint
+    assert found[2].recompute_swiglu and found[2].recompute_mlp and not found[2].grad_checkpoint
+    assert all(c.grad_checkpoint for c in found[3:])
     totals = {c.batch_tokens * c.grad_accumulation_steps for c in found}
     assert max(totals) - min(totals) < max(c.grad_accumulation_steps for c in found)  # rounding only
     assert found[0].pack  # long-tailed, and a step fills a row of 512
@@ -218,7 +221,7 @@ def test_out_of_memory_mid_run_keeps_checkpoints_and_names_the_next_layout(tiny_
         train.run(settings(tiny_model, data, out, iters=4, save_every=2), RecordingReporter())
     message = str(caught.value)
     assert caught.value.exit_code == 1 and "out of memory at step 3" in message
-    assert "--recompute-mlp --no-grad-checkpoint (the next smaller layout" in message
+    assert "--recompute-swiglu --no-recompute-mlp --no-grad-checkpoint (the next smaller layout" in message
     assert "lorakit train --plan" in message
     assert (out / "checkpoints" / "step-000002").is_dir()
 
@@ -257,14 +260,15 @@ def test_a_budget_between_no_and_full_mlp_recomputation_recomputes_only_some_blo
     from lorakit.engine.training import fit
 
     monkeypatch.setattr(fit, "QUEUE_LIMIT", 100.0)  # no queue throttle: the budget run measures as the others
-    roomy = train.run(settings(tiny_model, data, tmp_path / "p", plan=True), RecordingReporter())
-    every = train.run(settings(tiny_model, data, tmp_path / "p", plan=True, recompute_mlp=True),
-                      RecordingReporter())
-    assert every.peak_memory_gb < roomy.peak_memory_gb
-    budget = (0.6 * roomy.peak_memory_gb + 0.4 * every.peak_memory_gb) / HEADROOM  # one block of two
+    lean = train.run(settings(tiny_model, data, tmp_path / "p", plan=True, recompute_swiglu=True),
+                     RecordingReporter())
+    every = train.run(settings(tiny_model, data, tmp_path / "p", plan=True, recompute_swiglu=True,
+                               recompute_mlp=True), RecordingReporter())
+    assert every.peak_memory_gb < lean.peak_memory_gb
+    budget = (0.6 * lean.peak_memory_gb + 0.4 * every.peak_memory_gb) / HEADROOM  # one block of two
     plan = train.run(settings(tiny_model, data, tmp_path / "p", plan=True, max_memory=budget),
                      RecordingReporter())
-    assert plan.tried[1]["layout"].endswith("--recompute-mlp --no-grad-checkpoint")  # every MLP first
+    assert plan.tried[2]["layout"].endswith("--recompute-mlp --no-grad-checkpoint")  # every MLP first
     assert 1 <= _parse_flags(plan.layout).get("recompute_mlp_blocks", 0) < 2, plan.layout  # the tiny model has two blocks
     assert plan.peak_memory_gb <= HEADROOM * budget
 

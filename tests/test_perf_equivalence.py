@@ -252,9 +252,9 @@ def test_qlora_fast_path_trains_like_mlx_quantized_matmul(tiny_model, tmp_path, 
 
 
 @pytest.mark.parametrize("mixed_precision", [False, True])  # True: lorakit's LoRA layers, whose down
-@pytest.mark.parametrize("compiled", [False, True])  # projection also recomputes its input
+@pytest.mark.parametrize("compiled", [False, True])  # projection can also recompute its input
 def test_lean_swiglu_gives_the_same_loss_and_gradients(tiny_model, mixed_precision, compiled):
-    from lorakit.engine.training.lean import use_lean_swiglu
+    from lorakit.engine.training.lean import use_lean_swiglu, use_swiglu_recompute
     from lorakit.engine.training.speedups import use_mixed_precision_lora
 
     model = _lora_model(tiny_model)
@@ -271,6 +271,7 @@ def test_lean_swiglu_gives_the_same_loss_and_gradients(tiny_model, mixed_precisi
 
     (l_ref, _), g_ref = loss_and_grads()
     assert use_lean_swiglu(model, {"hidden_act": "silu"}) == len(model.layers)
+    assert use_swiglu_recompute(model) == (len(model.layers) if mixed_precision else 0)
     (l_lean, _), g_lean = loss_and_grads()
     assert l_lean.item() == pytest.approx(l_ref.item(), rel=1e-6)
     for (name, a), (_, b) in zip(tree_flatten(g_ref), tree_flatten(g_lean), strict=True):
@@ -331,3 +332,46 @@ def test_the_cpu_fast_path_computes_in_float32_on_packed_weights():
     assert use_dequantized_matmuls(layer) == 1
     assert layer.weight.dtype == mx.uint32 and layer.scales.dtype == mx.float32
     assert layer(mx.ones((2, 64), mx.float32)).dtype == mx.float32
+
+
+def _activation_bytes_per_block(tmp_path, lean: bool, product: bool) -> float:
+    """Peak of one compiled training step, per transformer block and token (4 minus 2 blocks)."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import load_model
+
+    from lorakit.engine.training.lean import use_lean_swiglu, use_swiglu_recompute
+    from lorakit.engine.training.speedups import use_mixed_precision_lora
+    from lorakit.testing import tiny_model_dir
+
+    peaks = []
+    for blocks in (2, 4):
+        model, config = load_model(tiny_model_dir(tmp_path / f"m{blocks}", hidden_size=128, num_layers=blocks,
+                                                  dtype="bfloat16"))
+        model.freeze()
+        linear_to_lora_layers(model, blocks, {"rank": 4, "scale": 20.0, "dropout": 0.0})
+        use_mixed_precision_lora(model)
+        if lean:
+            use_lean_swiglu(model, config)
+            use_swiglu_recompute(model, product)
+        model.train()
+        arrays = BatchPlan(_examples(8, False), batch_size=8, max_seq_length=256, seed=0).build(0).to_mx()
+        state = [model.state]
+        step = mx.compile(lambda a: nn.value_and_grad(model, losses.batch_loss)(model, a, None),
+                          inputs=state, outputs=state)
+        mx.eval(step(arrays))
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        before = mx.get_active_memory()
+        mx.eval(step(arrays))
+        peaks.append(mx.get_peak_memory() - before)
+    return (peaks[1] - peaks[0]) / 2 / arrays["inputs"].size
+
+
+def test_lean_swiglu_keeps_fewer_activations_when_compiled(tmp_path):
+    # compilation must not merge the backward's recomputed sigmoid (or product) with the forward's
+    intermediate = 2 * (2 * 128)  # bytes per token of a bf16 MLP activation (tiny models: 2 x hidden)
+    plain = _activation_bytes_per_block(tmp_path / "plain", lean=False, product=False)
+    lean = _activation_bytes_per_block(tmp_path / "lean", lean=True, product=False)
+    product = _activation_bytes_per_block(tmp_path / "product", lean=True, product=True)
+    assert plain - lean >= 1.5 * intermediate, (plain, lean)  # sigmoid(gate) and silu(gate) not kept
+    assert lean - product >= 0.25 * intermediate, (lean, product)  # nor (all of) the product

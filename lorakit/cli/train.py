@@ -66,6 +66,7 @@ def command(
     min_lr_ratio: Annotated[float | None, opt(S, "min_lr_ratio")] = None,
     max_grad_norm: Annotated[float | None, opt(S, "max_grad_norm")] = None,
     grad_checkpoint: Annotated[bool | None, opt(S, "grad_checkpoint")] = None,
+    recompute_swiglu: Annotated[bool | None, opt(S, "recompute_swiglu")] = None,
     recompute_mlp: Annotated[bool | None, opt(S, "recompute_mlp")] = None,
     recompute_mlp_blocks: Annotated[int | None, opt(S, "recompute_mlp_blocks")] = None,
     max_memory: Annotated[float | None, opt(S, "max_memory")] = None,

@@ -231,7 +231,8 @@ def _saved_layout(settings: TrainSettings, checkpoint: Path) -> TrainSettings:
             saved = yaml.safe_load(path.read_text()) or {}
             break
     before_autofit = Layout(pack=False, batch_size=settings.batch_size, batch_tokens=None,
-                            grad_accumulation_steps=1, recompute_mlp=False, grad_checkpoint=False)
+                            grad_accumulation_steps=1, recompute_mlp=False, grad_checkpoint=False,
+                            recompute_swiglu=False)
     update = {name: saved.get(name, getattr(before_autofit, name)) for name in free}
     return settings.model_copy(update={**update, "autofit": False})
 
@@ -366,6 +367,7 @@ def _batches_row(s: TrainSettings, micro_per_epoch: int) -> str:
     else:
         size = f"up to {s.batch_tokens:,} tokens x {s.grad_accumulation_steps} accumulation"
     mlps = "MLP recomputed" if s.recompute_mlp_blocks is None else f"MLP recomputed in {s.recompute_mlp_blocks} blocks"
-    extras = [name for name, on in (("packed", s.pack), (mlps, s.recompute_mlp),
+    extras = [name for name, on in (("packed", s.pack), ("SwiGLU product recomputed", s.recompute_swiglu),
+                                    (mlps, s.recompute_mlp),
                                     ("grad checkpoint", s.grad_checkpoint)) if on]
     return f"{size}{''.join(', ' + e for e in extras)}; {micro_per_epoch} per epoch"

@@ -20,6 +20,7 @@ from lorakit.engine.data.batching import BatchPlan
 from lorakit.engine.data.tokenized import Split
 from lorakit.engine.reporter import Reporter
 from lorakit.engine.training.layout import Layout, budgets, candidates, free_fields, packing, step_tokens
+from lorakit.engine.training.lean import use_swiglu_recompute
 from lorakit.engine.training.probe import Measured, measure
 from lorakit.engine.training.speedups import use_grad_checkpoint, use_mlp_recompute
 from lorakit.errors import UserError
@@ -151,7 +152,11 @@ def layout_plan(settings: TrainSettings, train_set: Split, layout: Layout) -> Ba
 
 
 def _apply(model: nn.Module, layout: Layout) -> None:
-    """The layout's recomputation in the backward pass: whole blocks, or only their MLPs, or none."""
+    """The layout's recomputation in the backward pass: whole blocks, or (some of) their MLPs, or the SwiGLU
+    products, or none."""
+    use_grad_checkpoint(model, False)  # off first: the MLP classes change underneath
+    use_mlp_recompute(model, False)
+    use_swiglu_recompute(model, layout.recompute_swiglu)
     use_grad_checkpoint(model, layout.grad_checkpoint)
     use_mlp_recompute(model, layout.recompute_mlp and not layout.grad_checkpoint, layout.recompute_mlp_blocks)
 

@@ -20,7 +20,7 @@ from lorakit.engine.data.batching import bucket
 from lorakit.settings import TrainSettings
 
 FIELDS = ("pack", "batch_size", "batch_tokens", "grad_accumulation_steps", "recompute_mlp", "grad_checkpoint",
-          "recompute_mlp_blocks")
+          "recompute_mlp_blocks", "recompute_swiglu")
 MAX_ACCUMULATION = 64
 
 
@@ -33,6 +33,7 @@ class Layout:
     recompute_mlp: bool
     grad_checkpoint: bool
     recompute_mlp_blocks: int | None = None  # with recompute_mlp: only the first N blocks' MLPs (None: all)
+    recompute_swiglu: bool = False
 
     @classmethod
     def of(cls, settings: TrainSettings) -> Layout:
@@ -47,6 +48,7 @@ class Layout:
         size = f"--batch-tokens {self.batch_tokens}" if self.batch_tokens else f"--batch-size {self.batch_size}"
         return " ".join(["--pack" if self.pack else "--no-pack", size,
                          f"--grad-accumulation-steps {self.grad_accumulation_steps}",
+                         "--recompute-swiglu" if self.recompute_swiglu else "--no-recompute-swiglu",
                          _recompute_flags(self),
                          "--grad-checkpoint" if self.grad_checkpoint else "--no-grad-checkpoint"])
 
@@ -68,7 +70,8 @@ def free_fields(settings: TrainSettings) -> set[str]:
     """The layout fields autofit may choose: those no flag, env variable or config file set."""
     if not settings.autofit:
         return set()
-    return set(FIELDS) - settings.model_fields_set
+    fixed = settings.model_fields_set | (set() if settings.lean_activations else {"recompute_swiglu"})
+    return set(FIELDS) - fixed
 
 
 def packing(settings: TrainSettings, lengths: list[int]) -> tuple[bool, str]:
@@ -113,11 +116,11 @@ def candidates(settings: TrainSettings, lengths: list[int], free: set[str] | Non
     accums = _powers_of_two(MAX_ACCUMULATION) if split else [asked.grad_accumulation_steps]
     levels = _recompute_levels(asked, free)
     found: list[Layout] = []
-    seen: set[tuple[tuple[bool, bool], int]] = set()
+    seen: set[tuple[tuple[bool, bool, bool], int]] = set()
     for level in levels:
         for accum in accums:
-            layout = _split(replace(whole, recompute_mlp=level[0], grad_checkpoint=level[1],
-                                    recompute_mlp_blocks=whole.recompute_mlp_blocks if level[0] else None), accum)
+            layout = _split(replace(whole, recompute_swiglu=level[0], recompute_mlp=level[1], grad_checkpoint=level[2],
+                                    recompute_mlp_blocks=whole.recompute_mlp_blocks if level[1] else None), accum)
             size = layout and largest_micro_batch(layout, row)
             if layout and (level, size) not in seen:  # more accumulation that shrinks nothing: no use
                 seen.add((level, size))
@@ -127,13 +130,17 @@ def candidates(settings: TrainSettings, lengths: list[int], free: set[str] | Non
     return found
 
 
-def _recompute_levels(asked: Layout, free: set[str]) -> list[tuple[bool, bool]]:
-    """(recompute_mlp, grad_checkpoint) from least to most recomputation, as the free fields allow."""
+def _recompute_levels(asked: Layout, free: set[str]) -> list[tuple[bool, bool, bool]]:
+    """(recompute_swiglu, recompute_mlp, grad_checkpoint) from least to most recomputation, as the free
+    fields allow: the SwiGLU product first (cheapest), then whole MLPs, then whole blocks."""
+    swiglu = [False, True] if "recompute_swiglu" in free else [asked.recompute_swiglu]
     mlp = [False, True] if "recompute_mlp" in free else [asked.recompute_mlp]
     full = [False, True] if "grad_checkpoint" in free else [asked.grad_checkpoint]
-    levels = [(m, False) for m in mlp] if False in full else []
+    levels = []
+    if False in full:
+        levels += [(s, mlp[0], False) for s in swiglu] + [(swiglu[-1], m, False) for m in mlp[1:]]
     if True in full:
-        levels.append((False, True) if "recompute_mlp" in free else (asked.recompute_mlp, True))
+        levels.append((swiglu[0], mlp[0], True))
     return levels
 
 
@@ -153,8 +160,8 @@ def smaller_layout(settings: TrainSettings, lengths: list[int]) -> Layout | None
     now = Layout.of(settings)
     row = _longest_row(settings, lengths, now.pack)
     full = replace(now, recompute_mlp=False, grad_checkpoint=True, recompute_mlp_blocks=None)
-    all_mlps = replace(now, recompute_mlp=True, recompute_mlp_blocks=None)
-    options = [] if now.grad_checkpoint or all_mlps == now else [all_mlps]
+    all_mlps = replace(now, recompute_mlp=True, recompute_mlp_blocks=None, recompute_swiglu=True)
+    options = [] if now.grad_checkpoint else [replace(now, recompute_swiglu=True), all_mlps]
     options += [] if now.grad_checkpoint else [full]
     options += [_split(full, a) for a in _powers_of_two(MAX_ACCUMULATION) if a > now.grad_accumulation_steps]
     for layout in options:
@@ -167,7 +174,9 @@ def smaller_layout(settings: TrainSettings, lengths: list[int]) -> Layout | None
 def _recomputes(layout: Layout) -> float:
     if layout.grad_checkpoint:
         return 2
-    return 0.5 if layout.recompute_mlp and layout.recompute_mlp_blocks else int(layout.recompute_mlp)
+    if layout.recompute_mlp:
+        return 0.75 if layout.recompute_mlp_blocks else 1
+    return 0.5 if layout.recompute_swiglu else 0
 
 
 def _split(layout: Layout, accum: int) -> Layout | None:
