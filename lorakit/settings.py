@@ -224,7 +224,8 @@ class TrainSettings(SeedOption, ModelOptions):
     max_grad_norm: float | None = Field(None, gt=0, description="Clip the global gradient norm to this.")
     grad_checkpoint: bool = Field(False, description="Recompute activations in backward to save memory.")
     recompute_swiglu: bool = Field(
-        False, description="Recompute the SwiGLU product that LoRA on down_proj needs, in backward."
+        False, description="Recompute the SwiGLU product that LoRA on down_proj needs, in backward (SiLU "
+        "MLPs with --lean-activations, no LoRA dropout)."
     )
     recompute_mlp: bool = Field(
         False, description="Recompute only the MLPs in backward: about half the memory of no checkpointing."
@@ -235,7 +236,7 @@ class TrainSettings(SeedOption, ModelOptions):
     )
     max_memory: float | None = Field(
         None, gt=0, description="Memory budget in GB the run must fit (default: what the device reports usable); "
-        "MLX stops queueing work ahead of the GPU at 0.8x of it."
+        "MLX then queues less work ahead of the GPU (CUDA: smaller graphs; elsewhere: up to 0.8x of it)."
     )
     autofit: bool = Field(
         True, description="Choose packing, batch layout, checkpointing, accumulation: fastest that fits."
