@@ -83,17 +83,10 @@ def command(
     resume: Annotated[bool | None, opt(S, "resume")] = None,
     resume_from: Annotated[Path | None, opt(S, "resume_from")] = None,
     overwrite: Annotated[bool | None, opt(S, "overwrite")] = None,
-    seed: SeedOpt = None,
-    revision: RevisionOpt = None,
-    trust_remote_code: TrustRemoteCodeOpt = None,
-    quantize: QuantizeOpt = None,
-    q_group_size: QGroupSizeOpt = None,
-    dtype: DtypeOpt = None,
+    seed: SeedOpt = None, revision: RevisionOpt = None, trust_remote_code: TrustRemoteCodeOpt = None,
+    quantize: QuantizeOpt = None, q_group_size: QGroupSizeOpt = None, dtype: DtypeOpt = None,
     dist_timeout: Annotated[float | None, opt(S, "dist_timeout")] = None,
-    config: ConfigOpt = None,
-    json_output: JsonOpt = None,
-    quiet: QuietOpt = None,
-    debug: DebugOpt = None,
+    config: ConfigOpt = None, json_output: JsonOpt = None, quiet: QuietOpt = None, debug: DebugOpt = None,
 ) -> None:
     """Fine-tune --model on --data (train.jsonl, valid.jsonl) and write an mlx-lm adapter to --adapter-path."""
     run_command("train", ctx.params, _run, _render, hint=_hint)
