@@ -366,7 +366,8 @@ def _batches_row(s: TrainSettings, micro_per_epoch: int) -> str:
                 f"{s.batch_size * s.grad_accumulation_steps} effective")
     else:
         size = f"up to {s.batch_tokens:,} tokens x {s.grad_accumulation_steps} accumulation"
-    mlps = "MLP recomputed" if s.recompute_mlp_blocks is None else f"MLP recomputed in {s.recompute_mlp_blocks} blocks"
+    blocks = s.recompute_mlp_blocks
+    mlps = "MLP recomputed" if blocks is None else f"MLP recomputed in {blocks} blocks"
     extras = [name for name, on in (("packed", s.pack), ("SwiGLU product recomputed", s.recompute_swiglu),
                                     (mlps, s.recompute_mlp),
                                     ("grad checkpoint", s.grad_checkpoint)) if on]

@@ -119,8 +119,9 @@ def candidates(settings: TrainSettings, lengths: list[int], free: set[str] | Non
     seen: set[tuple[tuple[bool, bool, bool], int]] = set()
     for level in levels:
         for accum in accums:
-            layout = _split(replace(whole, recompute_swiglu=level[0], recompute_mlp=level[1], grad_checkpoint=level[2],
-                                    recompute_mlp_blocks=whole.recompute_mlp_blocks if level[1] else None), accum)
+            swiglu, mlp, checkpoint = level
+            layout = _split(replace(whole, recompute_swiglu=swiglu, recompute_mlp=mlp, grad_checkpoint=checkpoint,
+                                    recompute_mlp_blocks=whole.recompute_mlp_blocks if mlp else None), accum)
             size = layout and largest_micro_batch(layout, row)
             if layout and (level, size) not in seen:  # more accumulation that shrinks nothing: no use
                 seen.add((level, size))
