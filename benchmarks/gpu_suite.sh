@@ -4,7 +4,8 @@
 # Usage (repo root, after `source .gpu/b/setup.sh`):
 #   bash benchmarks/gpu_suite.sh [model] [steps] [seconds] [runs]
 # runs: comma list of attention, uniform, longtail, longtail_mask, longtail_pack, longtail_mask_pack,
-#       qlora_block, 8b_bf16, 8b_q4, 8b_q4_budget, 8b_bf16_budget, uniform_budget, queue_peak, uniform_lean
+#       qlora_block, 8b_bf16, 8b_q4, 8b_q4_budget, 8b_bf16_budget, uniform_budget, queue_peak, uniform_lean,
+#       8b_q4_partial, queue_depth
 #       (the QLoRA, --max-memory and lean-step runs of issue 15; 8b_* and queue_peak use the Llama-3.1-8B shape),
 #       longtail_auto, longtail_mask_auto, uniform_auto (issue 16: lorakit with no layout flags, its --plan beside the run)
 # (default: all, in that order; a run that would start past [seconds], default 530, is skipped).
@@ -51,6 +52,12 @@ for run in ${RUNS//,/ }; do
     longtail_auto) bench longtail_auto $B --data longtail --plan --trainers mlx-lm,lorakit --variant fixed:autofit=false ;;
     longtail_mask_auto) bench longtail_mask_auto $B --data longtail --mask-prompt --plan --trainers mlx-lm,lorakit ;;
     uniform_auto) bench uniform_auto $B --data uniform --plan --trainers mlx-lm,lorakit --variant fixed:autofit=false ;;
+    8b_q4_partial) bench 8b_q4_partial $B8 --quantize 4 --trainers lorakit --lorakit-opt max_memory=29 \
+                     --variant mem26:max_memory=26 --variant swiglu:recompute_swiglu=true ;;
+    queue_depth) echo "== queue_depth" | tee -a "$OUT/table.txt"
+                 python benchmarks/qlora_peak.py --model llama-3.1-8b --blocks 8 --batch 4 --length 1024 --no-dequantize \
+                   --row q4:quantize=4 --row q4-ops8:quantize=4,env_MLX_MAX_OPS_PER_BUFFER=8 --row bf16: \
+                   --row bf16-ops8:env_MLX_MAX_OPS_PER_BUFFER=8 2>>"$OUT/table.txt" >"$OUT/queue_depth.json" ;;
     uniform_lean) bench uniform_lean $B --data uniform --trainers mlx-lm,lorakit --variant no-lean:lean_activations=false ;;
     *) echo "unknown run: $run" >&2; exit 2 ;;
   esac
