@@ -334,8 +334,11 @@ def test_the_cpu_fast_path_computes_in_float32_on_packed_weights():
     assert layer(mx.ones((2, 64), mx.float32)).dtype == mx.float32
 
 
-def _activation_bytes_per_block(tmp_path, lean: bool, product: bool) -> float:
-    """Peak of one compiled training step, per transformer block and token (4 minus 2 blocks)."""
+def _activation_bytes_per_block(tmp_path, mlp: str) -> float:
+    """Peak of one compiled training step, per transformer block and token (8 minus 2 blocks).
+
+    mlp: "mul" (gate * up: keeps exactly the two inputs), "lean" (lorakit's SwiGLU) or "product" (and the down
+    projection recomputes its input)."""
     from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import load_model
 
@@ -344,15 +347,19 @@ def _activation_bytes_per_block(tmp_path, lean: bool, product: bool) -> float:
     from lorakit.testing import tiny_model_dir
 
     peaks = []
-    for blocks in (2, 4):
+    for blocks in (2, 8):
         model, config = load_model(tiny_model_dir(tmp_path / f"m{blocks}", hidden_size=128, num_layers=blocks,
                                                   dtype="bfloat16"))
         model.freeze()
         linear_to_lora_layers(model, blocks, {"rank": 4, "scale": 20.0, "dropout": 0.0})
         use_mixed_precision_lora(model)
-        if lean:
+        if mlp == "mul":
+            for layer in model.layers:
+                layer.mlp.__class__ = type("MulMLP", (type(layer.mlp),), {
+                    "__call__": lambda self, x: self.down_proj(self.gate_proj(x) * self.up_proj(x))})
+        else:
             use_lean_swiglu(model, config)
-            use_swiglu_recompute(model, product)
+            use_swiglu_recompute(model, mlp == "product")
         model.train()
         arrays = BatchPlan(_examples(8, False), batch_size=8, max_seq_length=256, seed=0).build(0).to_mx()
         state = [model.state]
@@ -364,14 +371,15 @@ def _activation_bytes_per_block(tmp_path, lean: bool, product: bool) -> float:
         before = mx.get_active_memory()
         mx.eval(step(arrays))
         peaks.append(mx.get_peak_memory() - before)
-    return (peaks[1] - peaks[0]) / 2 / arrays["inputs"].size
+    return (peaks[1] - peaks[0]) / 6 / arrays["inputs"].size
 
 
 def test_lean_swiglu_keeps_fewer_activations_when_compiled(tmp_path):
-    # compilation must not merge the backward's recomputed sigmoid (or product) with the forward's
+    # compilation must not merge the backward's recomputed sigmoid (or product) with the forward's, which keeps it
     intermediate = 2 * (2 * 128)  # bytes per token of a bf16 MLP activation (tiny models: 2 x hidden)
-    plain = _activation_bytes_per_block(tmp_path / "plain", lean=False, product=False)
-    lean = _activation_bytes_per_block(tmp_path / "lean", lean=True, product=False)
-    product = _activation_bytes_per_block(tmp_path / "product", lean=True, product=True)
-    assert plain - lean >= 1.5 * intermediate, (plain, lean)  # sigmoid(gate) and silu(gate) not kept
-    assert lean - product >= 0.25 * intermediate, (lean, product)  # nor (all of) the product
+    mul = _activation_bytes_per_block(tmp_path / "mul", "mul")
+    lean = _activation_bytes_per_block(tmp_path / "lean", "lean")
+    product = _activation_bytes_per_block(tmp_path / "product", "product")
+    # measured 0.42 and 0.84 intermediates; 1.17 and -0.33 with the sigmoid merged into the forward's
+    assert lean <= mul + 0.75 * intermediate, (mul, lean)  # about what a plain product keeps
+    assert lean - product >= 0.5 * intermediate, (lean, product)  # and less: not the product
