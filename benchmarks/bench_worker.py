@@ -55,11 +55,9 @@ def main() -> None:
     dtype = spec.get("lorakit_opts", {}).get("dtype", spec["dtype"]) if spec["trainer"].startswith("lorakit") \
         else spec["dtype"]
     if spec["trainer"].startswith("lorakit"):  # what `lorakit train` sets before its model loads
-        from types import SimpleNamespace
-
         from lorakit.engine.training.fit import shallow_queue
 
-        shallow_queue(SimpleNamespace(max_memory=spec.get("lorakit_opts", {}).get("max_memory")))
+        shallow_queue(spec.get("lorakit_opts", {}).get("max_memory"))
     bm = bench_models.build(spec["model"], dtype, seed=spec["seed"], scratch=Path(spec["scratch"]),
                             quantize=spec.get("quantize"))
     blas = blas_loaded()

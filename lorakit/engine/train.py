@@ -54,7 +54,7 @@ def run(settings: TrainSettings, reporter: Reporter) -> TrainResult | TrainPlan:
     reporter = world.reporter(reporter)
     dist.check_batch_size(settings.batch_size, world)
     settings = _without_autofit_when_distributed(settings, world, reporter)
-    fit.shallow_queue(settings)
+    fit.shallow_queue(settings.max_memory)
     if settings.plan:
         return _plan_only(settings, reporter, world)
     # Before anything is written: an --adapter-path that is, holds or sits in an input would swallow it.

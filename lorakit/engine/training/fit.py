@@ -120,12 +120,12 @@ def _fewer_mlps(settings: TrainSettings, model: nn.Module, head: str | None, tra
     _apply(model, choice.layout)
 
 
-def shallow_queue(settings: TrainSettings) -> None:
+def shallow_queue(max_memory: float | None) -> None:
     """With --max-memory on CUDA, MLX submits smaller CUDA graphs. It frees a kernel's buffers only once the
     kernel's whole graph has run, with up to 10 graphs in flight: 20-kernel graphs hold GBs of finished work
     (8B, 4 x 1024 tokens: ~6 GB) for a few % of speed. MLX reads this once, at its first GPU work, so it is
     set before the model loads; an MLX_MAX_OPS_PER_BUFFER of the user's stays."""
-    if settings.max_memory is not None and mx.cuda.is_available():
+    if max_memory is not None and mx.cuda.is_available():
         os.environ.setdefault("MLX_MAX_OPS_PER_BUFFER", SHALLOW_QUEUE_OPS)
 
 

@@ -21,18 +21,20 @@ def lean_swiglu(gate: mx.array, x: mx.array) -> mx.array:
     return gate * mx.sigmoid(gate) * x
 
 
-def _swiglu_parts(gate: mx.array, cotangent: mx.array) -> tuple[mx.array, mx.array]:
+def _swiglu_backward(gate: mx.array, x: mx.array, dh: mx.array, cotangent: mx.array
+                     ) -> tuple[mx.array, mx.array, mx.array]:
+    """The gradients for gate and x of silu(gate) * x given dh, and silu(gate), recomputed."""
     # tied to the cotangent: otherwise compilation merges the backward's sigmoid with the forward's, which
     # then stays alive until the backward pass (a whole intermediate-size tensor per block)
     s = mx.sigmoid(mx.depends(gate, cotangent))
-    return s, gate * s
+    silu = gate * s
+    return dh * x * (s + silu * (1 - s)), dh * silu, silu
 
 
 @lean_swiglu.vjp
 def _lean_swiglu_vjp(primals, cotangent, output):
     gate, x = primals
-    s, silu = _swiglu_parts(gate, cotangent)
-    return cotangent * x * (s + silu * (1 - s)), cotangent * silu
+    return _swiglu_backward(gate, x, cotangent, cotangent)[:2]
 
 
 @mx.custom_function
@@ -44,10 +46,9 @@ def swiglu_times(gate: mx.array, x: mx.array, a: mx.array) -> mx.array:
 @swiglu_times.vjp
 def _swiglu_times_vjp(primals, cotangent, output):
     gate, x, a = primals
-    s, silu = _swiglu_parts(gate, cotangent)
-    dh = cotangent @ a.T
+    dgate, dx, silu = _swiglu_backward(gate, x, cotangent @ a.T, cotangent)
     da = ((silu * x).reshape(-1, a.shape[0]).T @ cotangent.reshape(-1, a.shape[1])).astype(a.dtype)
-    return dh * x * (s + silu * (1 - s)), dh * silu, da
+    return dgate, dx, da
 
 
 class _LeanSwiGLU(nn.Module):
@@ -63,8 +64,8 @@ class _LeanSwiGLUProduct(_LeanSwiGLU):
     def __call__(self, x: mx.array) -> mx.array:
         down = self.down_proj
         gate, up = self.gate_proj(x), self.up_proj(x)
-        z = swiglu_times(gate, up, down.lora_a.astype(x.dtype)) @ down.lora_b.astype(x.dtype)
-        return down.linear(lean_swiglu(gate, up)) + (down.scale * z).astype(x.dtype)
+        xa = swiglu_times(gate, up, down.lora_a.astype(x.dtype))
+        return down.combine(down.linear(lean_swiglu(gate, up)), xa)
 
 
 _SUBCLASSES: dict[tuple[type, type], type] = {}

@@ -57,9 +57,11 @@ class MixedPrecisionLoRA(LoRALinear):
     makes (and keeps for the backward pass) a float32 copy of every adapted layer's input."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = self.linear(x)
-        z = (self.dropout(x) @ self.lora_a.astype(x.dtype)) @ self.lora_b.astype(x.dtype)
-        return y + (self.scale * z).astype(x.dtype)
+        return self.combine(self.linear(x), self.dropout(x) @ self.lora_a.astype(x.dtype))
+
+    def combine(self, y: mx.array, xa: mx.array) -> mx.array:
+        """The base output y plus the adapter's, from xa = (dropped-out) input @ lora_a."""
+        return y + (self.scale * (xa @ self.lora_b.astype(xa.dtype))).astype(xa.dtype)
 
 
 def use_mixed_precision_lora(model: nn.Module) -> None:
