@@ -6,6 +6,7 @@ Writes its measurements as JSON to spec["result"]. Started by train_bench.py.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,10 @@ def main() -> None:
     # a lorakit variant may load the model in another dtype (e.g. a GGUF as shipped vs de-quantized)
     dtype = spec.get("lorakit_opts", {}).get("dtype", spec["dtype"]) if spec["trainer"].startswith("lorakit") \
         else spec["dtype"]
+    opts = spec.get("lorakit_opts", {})
+    # a variant's env_NAME=value sets MLX's environment variable NAME before MLX starts (e.g. the queue depth)
+    os.environ.update({k[4:]: v for k, v in opts.items() if k.startswith("env_")})
+    spec["lorakit_opts"] = {k: v for k, v in opts.items() if not k.startswith("env_")}
     if spec["trainer"].startswith("lorakit"):  # what `lorakit train` sets before its model loads
         from lorakit.engine.training.fit import shallow_queue
 

@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_suite.sh [model] [steps] [seconds] [runs]
 # runs: comma list of attention, uniform, longtail, longtail_mask, longtail_pack, longtail_mask_pack,
 #       qlora_block, 8b_bf16, 8b_q4, 8b_q4_budget, 8b_bf16_budget, uniform_budget, queue_peak, uniform_lean,
-#       8b_q4_partial, queue_depth
+#       8b_q4_partial, queue_depth, uniform_swiglu, 8b_bf16_lorakit, 8b_q4_repeat,
+#       8b_q4_queue, uniform_queue, loss_chunks
 #       (the QLoRA, --max-memory and lean-step runs of issue 15; 8b_* and queue_peak use the Llama-3.1-8B shape),
 #       longtail_auto, longtail_mask_auto, uniform_auto (issue 16: lorakit with no layout flags, its --plan beside the run)
 # (default: all, in that order; a run that would start past [seconds], default 530, is skipped).
@@ -52,12 +53,27 @@ for run in ${RUNS//,/ }; do
     longtail_auto) bench longtail_auto $B --data longtail --plan --trainers mlx-lm,lorakit --variant fixed:autofit=false ;;
     longtail_mask_auto) bench longtail_mask_auto $B --data longtail --mask-prompt --plan --trainers mlx-lm,lorakit ;;
     uniform_auto) bench uniform_auto $B --data uniform --plan --trainers mlx-lm,lorakit --variant fixed:autofit=false ;;
-    8b_q4_partial) bench 8b_q4_partial $B8 --quantize 4 --trainers lorakit --lorakit-opt max_memory=29 \
-                     --variant mem26:max_memory=26 --variant swiglu:recompute_swiglu=true ;;
+    8b_q4_partial) bench 8b_q4_partial $B8 --quantize 4 --trainers mlx-lm,lorakit --variant mem26:max_memory=26 \
+                     --variant mem24:max_memory=24 --variant swiglu:recompute_swiglu=true ;;
     queue_depth) echo "== queue_depth" | tee -a "$OUT/table.txt"
                  python benchmarks/qlora_peak.py --model llama-3.1-8b --blocks 8 --batch 4 --length 1024 --no-dequantize \
                    --row q4:quantize=4 --row q4-ops8:quantize=4,env_MLX_MAX_OPS_PER_BUFFER=8 --row bf16: \
                    --row bf16-ops8:env_MLX_MAX_OPS_PER_BUFFER=8 2>>"$OUT/table.txt" >"$OUT/queue_depth.json" ;;
+    uniform_swiglu) bench uniform_swiglu $B --data uniform --trainers mlx-lm,lorakit \
+                      --variant swiglu:recompute_swiglu=true --variant mem24:max_memory=24 --variant mem22:max_memory=22 ;;
+    8b_bf16_lorakit) bench 8b_bf16_lorakit $B8 --trainers lorakit ;;
+    8b_q4_repeat) bench 8b_q4_repeat $B8 --quantize 4 --trainers mlx-lm \
+                    --variant mem26:max_memory=26 --variant mem26-again:max_memory=26 ;;
+    8b_q4_queue) bench 8b_q4_queue $B8 --quantize 4 --trainers lorakit --lorakit-opt max_memory=26 \
+                   --lorakit-opt env_MLX_MAX_OPS_PER_BUFFER=20 ;;
+    uniform_queue) bench uniform_queue $B --data uniform --trainers mlx-lm --variant mem24:max_memory=24 \
+                     --variant mem24-ops20:max_memory=24,env_MLX_MAX_OPS_PER_BUFFER=20 ;;
+    loss_chunks) echo "== loss_chunks" | tee -a "$OUT/table.txt"
+                 python benchmarks/qlora_peak.py --model llama-3.1-8b --blocks 8 --batch 4 --length 1024 --no-dequantize \
+                   --row q4-ops8:quantize=4,env_MLX_MAX_OPS_PER_BUFFER=8 \
+                   --row q4-ops8-c25:quantize=4,env_MLX_MAX_OPS_PER_BUFFER=8,chunk=33554432 \
+                   --row q4-ops8-c24:quantize=4,env_MLX_MAX_OPS_PER_BUFFER=8,chunk=16777216 \
+                   2>>"$OUT/table.txt" >"$OUT/loss_chunks.json" ;;
     uniform_lean) bench uniform_lean $B --data uniform --trainers mlx-lm,lorakit --variant no-lean:lean_activations=false ;;
     *) echo "unknown run: $run" >&2; exit 2 ;;
   esac

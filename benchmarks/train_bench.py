@@ -177,7 +177,8 @@ def main(
                                                         "(e.g. pack=true); repeatable.")] = [],  # noqa: B006
     variant: Annotated[list[str], typer.Option(help="An extra lorakit run, label:key=value[,key=value] on top of "
                                                     "--lorakit-opt (e.g. pack-b4:pack=true,batch_size=4; "
-                                                    "batch_size there is lorakit's alone); repeatable.")] = [],  # noqa: B006
+                                                    "batch_size there is lorakit's alone; env_NAME=value sets an "
+                                                    "environment variable for that run); repeatable.")] = [],  # noqa: B006
     grad_checkpoint: Annotated[bool, typer.Option(help="Gradient checkpointing in both trainers "
                                                        "(default: mlx-lm without, lorakit as autofit decides).")] = False,
     plan: Annotated[bool, typer.Option(help="Run `lorakit train --plan` before lorakit's run and report both.")] = False,

@@ -1,6 +1,7 @@
 """Autofit, --plan, token-budget batches, compile warm-up and the out-of-memory message (tiny model, CPU)."""
 
 import json
+import os
 import random
 
 import mlx.core as mx
@@ -111,6 +112,33 @@ def test_max_memory_bounds_mlx_queue_for_the_probes_and_the_run_only(tiny_model,
     with fit.queue_limit(settings(tiny_model, data, tmp_path / "run")):
         assert mx.get_memory_limit() == before  # no --max-memory: MLX's own limit
 
+
+
+@pytest.mark.parametrize(("ops", "share"), [(None, 1.0), ("8", 1.0), ("4", 1.0), ("20", "QUEUE_LIMIT")])
+def test_on_cuda_a_shallow_queue_is_limited_at_the_budget_and_a_deep_one_below_it(tiny_model, data, tmp_path,
+                                                                                  monkeypatch, ops, share):
+    from lorakit.engine.training import fit
+
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("MLX_MAX_OPS_PER_BUFFER", "")  # restored (or removed) after the test
+    monkeypatch.delenv("MLX_MAX_OPS_PER_BUFFER")
+    if ops is not None:  # the user's own depth stays; without one, --max-memory makes the queue shallow
+        monkeypatch.setenv("MLX_MAX_OPS_PER_BUFFER", ops)
+    fit.shallow_queue(3.0)
+    assert os.environ["MLX_MAX_OPS_PER_BUFFER"] == (ops or fit.SHALLOW_QUEUE_OPS)
+    share = fit.QUEUE_LIMIT if share == "QUEUE_LIMIT" else share
+    with fit.queue_limit(settings(tiny_model, data, tmp_path / "run", max_memory=3.0)):
+        assert mx.get_memory_limit() == int(share * 3.0e9)
+
+
+def test_without_max_memory_the_queue_keeps_mlx_depth(monkeypatch):
+    from lorakit.engine.training import fit
+
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("MLX_MAX_OPS_PER_BUFFER", "")  # restored (or removed) after the test
+    monkeypatch.delenv("MLX_MAX_OPS_PER_BUFFER")
+    fit.shallow_queue(None)
+    assert "MLX_MAX_OPS_PER_BUFFER" not in os.environ
 
 def test_an_impossible_budget_exits_2_with_the_smallest_that_fits(tiny_model, data, tmp_path):
     with pytest.raises(UserError) as caught:

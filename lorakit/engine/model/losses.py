@@ -84,13 +84,15 @@ def chunked_cross_entropy(project, hidden: mx.array, targets: mx.array, weights:
     def loss_and_grad(h):
         parts = []
         for a, b in chunks:
-            hc, t, w = h[a:b], targets[a:b], weights[a:b]
+            # each chunk starts after the previous one is done: MLX would otherwise run the chunks side by
+            # side (it evaluates independent work breadth-first), holding every chunk's logits at once
+            hc = mx.depends(h[a:b], parts[-1]) if parts else h[a:b]
+            t, w = targets[a:b], weights[a:b]
             logits = project(hc).astype(mx.float32)
             loss, probs = _losses_and_probs(logits, t, w, one_exp)
             dlogits = (probs - (mx.arange(vocab_size) == t[:, None])) * w[:, None]
             dh = mx.vjp(project, [hc], [dlogits.astype(hc.dtype)])[1][0]
-            # one array per chunk holding its gradient and losses: evaluation finishes a chunk (and frees
-            # its logits) before it starts the next
+            # one array per chunk holding its gradient and losses
             parts.append(mx.concatenate([dh.astype(mx.float32), loss[:, None]], axis=1))
         out = mx.concatenate(parts) if len(parts) > 1 else parts[0]
         return out[:, -1].sum(), out[:, :-1].astype(h.dtype)

@@ -124,9 +124,17 @@ def shallow_queue(max_memory: float | None) -> None:
     """With --max-memory on CUDA, MLX submits smaller CUDA graphs. It frees a kernel's buffers only once the
     kernel's whole graph has run, with up to 10 graphs in flight: 20-kernel graphs hold GBs of finished work
     (8B, 4 x 1024 tokens: ~6 GB) for a few % of speed. MLX reads this once, at its first GPU work, so it is
-    set before the model loads; an MLX_MAX_OPS_PER_BUFFER of the user's stays."""
+    set before the model loads; an MLX_MAX_OPS_PER_BUFFER of the user's stays. (20-kernel graphs under a 0.8x
+    limit instead stall at the limit: slower on the 8B shape, benchmarks/README.md.)"""
     if max_memory is not None and mx.cuda.is_available():
         os.environ.setdefault("MLX_MAX_OPS_PER_BUFFER", SHALLOW_QUEUE_OPS)
+
+
+def _shallow() -> bool:
+    """Whether the CUDA queue is shallow (it then holds little ahead, and the limit is only a backstop at the
+    budget itself)."""
+    ops = os.environ.get("MLX_MAX_OPS_PER_BUFFER", "")
+    return mx.cuda.is_available() and ops.isdigit() and int(ops) <= int(SHALLOW_QUEUE_OPS)
 
 
 @contextlib.contextmanager
@@ -137,8 +145,7 @@ def queue_limit(settings: TrainSettings) -> Iterator[None]:
     if settings.max_memory is None:
         yield
         return
-    # a shallow CUDA queue holds little ahead: the limit is then only a backstop at the budget itself
-    share = 1.0 if os.environ.get("MLX_MAX_OPS_PER_BUFFER") and mx.cuda.is_available() else QUEUE_LIMIT
+    share = 1.0 if _shallow() else QUEUE_LIMIT
     previous = mx.set_memory_limit(int(share * settings.max_memory * 1e9))
     try:
         yield
