@@ -56,13 +56,13 @@ def main() -> None:
     dtype = spec.get("lorakit_opts", {}).get("dtype", spec["dtype"]) if spec["trainer"].startswith("lorakit") \
         else spec["dtype"]
     opts = spec.get("lorakit_opts", {})
-    # a variant's env_NAME=value sets MLX's environment variable NAME before MLX starts (e.g. the queue depth)
-    os.environ.update({k[4:]: v for k, v in opts.items() if k.startswith("env_")})
     spec["lorakit_opts"] = {k: v for k, v in opts.items() if not k.startswith("env_")}
     if spec["trainer"].startswith("lorakit"):  # what `lorakit train` sets before its model loads
         from lorakit.engine.training.fit import shallow_queue
 
-        shallow_queue(spec.get("lorakit_opts", {}).get("max_memory"))
+        # env_NAME=value: an environment variable for lorakit's run, set before MLX starts (e.g. the queue depth)
+        os.environ.update({k[4:]: v for k, v in opts.items() if k.startswith("env_")})
+        shallow_queue(opts.get("max_memory"))
     bm = bench_models.build(spec["model"], dtype, seed=spec["seed"], scratch=Path(spec["scratch"]),
                             quantize=spec.get("quantize"))
     blas = blas_loaded()
