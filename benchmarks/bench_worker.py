@@ -52,12 +52,12 @@ def flops_per_trained_token(model, config: dict, examples: list, mask_prompt: bo
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
-    # a lorakit variant may load the model in another dtype (e.g. a GGUF as shipped vs de-quantized)
-    dtype = spec.get("lorakit_opts", {}).get("dtype", spec["dtype"]) if spec["trainer"].startswith("lorakit") \
-        else spec["dtype"]
     opts = spec.get("lorakit_opts", {})
     spec["lorakit_opts"] = {k: v for k, v in opts.items() if not k.startswith("env_")}
-    if spec["trainer"].startswith("lorakit"):  # what `lorakit train` sets before its model loads
+    lorakit = spec["trainer"].startswith("lorakit")
+    # a lorakit variant may load the model in another dtype (e.g. a GGUF as shipped vs de-quantized)
+    dtype = opts.get("dtype", spec["dtype"]) if lorakit else spec["dtype"]
+    if lorakit:  # what `lorakit train` sets before its model loads
         from lorakit.engine.training.fit import shallow_queue
 
         # env_NAME=value: an environment variable for lorakit's run, set before MLX starts (e.g. the queue depth)
