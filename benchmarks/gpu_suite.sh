@@ -63,7 +63,7 @@ for run in ${RUNS//,/ }; do
                       --variant swiglu:recompute_swiglu=true --variant mem24:max_memory=24 --variant mem22:max_memory=22 ;;
     8b_bf16_lorakit) bench 8b_bf16_lorakit $B8 --trainers lorakit ;;
     8b_q4_repeat) bench 8b_q4_repeat $B8 --quantize 4 --trainers mlx-lm \
-                    --variant mem26:max_memory=26 --variant mem26-again:max_memory=26 ;;
+                    --variant mem26:max_memory=26 --variant mem27:max_memory=27 ;;
     8b_q4_queue) bench 8b_q4_queue $B8 --quantize 4 --trainers lorakit --lorakit-opt max_memory=26 \
                    --lorakit-opt env_MLX_MAX_OPS_PER_BUFFER=20 ;;
     uniform_queue) bench uniform_queue $B --data uniform --trainers mlx-lm --variant mem24:max_memory=24 \

@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten
 
 import lorakit.engine  # noqa: F401  (OpenBLAS before mlx)
 from lorakit.engine import train as train_engine
-from lorakit.engine.data.batching import BatchPlan
+from lorakit.engine.data.batching import BatchPlan, PairPlan
 from lorakit.engine.data.tokenized import TokenizedExample
 from lorakit.engine.model import losses
 from lorakit.engine.reporter import Reporter
@@ -110,6 +110,61 @@ def _train(tiny_model, data, out, straightforward, monkeypatch, **extra):
     train_engine.run(settings, reporter)
     monkeypatch.undo()
     return reporter.losses
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_a_short_last_batch_filled_with_empty_rows_gives_the_same_loss_and_gradients(tiny_model, masked):
+    rng = np.random.default_rng(1)
+    examples = [TokenizedExample(rng.integers(3, 380, 97).astype(np.int32), np.arange(97) >= (60 if masked else 1))
+                for _ in range(11)]  # batches of 4, 4 and 3 rows, all 96 wide
+    plain, filled = (BatchPlan(examples, 4, 256, seed=0, fill=fill) for fill in (False, True))
+    assert plain.shapes() == {(4, 96), (3, 96)} and filled.shapes() == {(4, 96)}  # one compilation fewer
+    model = _lora_model(tiny_model)
+    head = losses.loss_head(model)
+    short = next(b for b in range(len(plain)) if len(plain.batches[b]) == 3)
+    results = []
+    for plan in (plain, filled):
+        batch = plan.build(short)
+        assert batch.examples == 3 and batch.loss_tokens == plain.build(short).loss_tokens
+        (loss, tokens), grads = nn.value_and_grad(model, losses.batch_loss)(model, batch.to_mx(), head)
+        results.append((loss.item(), tokens.item(), tree_flatten(grads)))
+    assert filled.build(short).inputs.shape == (4, 96)
+    # and it takes the loss path its shape's other batches take (all positions, or as many gathered), so the
+    # compiled step does not re-trace for it
+    full = [filled.build(b).to_mx() for b in range(len(filled)) if b != short][0]
+    gathered = filled.build(short).to_mx()
+    assert (gathered["positions"] is None) == (full["positions"] is None) == (not masked)
+    assert gathered["targets"].shape == full["targets"].shape
+    (l_plain, n_plain, g_plain), (l_filled, n_filled, g_filled) = results
+    assert n_filled == n_plain and l_filled == pytest.approx(l_plain, rel=1e-6)
+    for (name, a), (_, b) in zip(g_plain, g_filled):
+        assert mx.abs(a - b).max().item() <= 1e-5 * max(mx.abs(a).max().item(), 1e-12), name
+
+
+def test_only_plans_for_the_compiled_step_fill_and_a_fill_at_most_doubles_a_batch():
+    same = [TokenizedExample(np.full(70, 5, np.int32), np.ones(70, bool)) for _ in range(10)]  # rows 96 wide
+    assert BatchPlan(same, 4, 256).shapes() == {(4, 96), (2, 96)}  # eval and validation: nothing to compile
+    assert BatchPlan(same, 4, 256, fill=True).shapes() == {(4, 96)}
+    assert BatchPlan(same[:9], 4, 256, fill=True).shapes() == {(4, 96), (1, 96)}  # 1 -> 4 rows: too many
+    pairs = PairPlan(same, 2, 256, fill=True)  # 5 pairs: rows 4, 4 and 2 (a pair is two rows)
+    assert pairs.shapes() == {(4, 96)} and pairs.build(len(pairs) - 1).inputs.shape == (4, 96)
+    assert pairs.build(len(pairs) - 1).examples == 2
+
+
+def test_training_with_short_batches_filled_matches_training_without(tiny_model, tmp_path, monkeypatch):
+    _chat_data(tmp_path / "data", n=30)
+    plans = []
+
+    def train(out, fill):
+        monkeypatch.setattr(train_engine, "filling_pays_off", lambda: fill)  # CUDA's choice, on this CPU
+        planned = train_engine._plan
+        monkeypatch.setattr(train_engine, "_plan", lambda *a, **k: plans.append(planned(*a, **k)) or plans[-1])
+        return _train(tiny_model, tmp_path / "data", out, False, monkeypatch, autofit=False)
+
+    assert not train_engine.filling_pays_off()  # the CPU: a compile costs less than the empty rows
+    plain, filled = train(tmp_path / "plain", False), train(tmp_path / "filled", True)
+    assert not plans[0].filled and plans[1].filled and len(plans[1].shapes()) < len(plans[0].shapes())
+    np.testing.assert_allclose(filled, plain, rtol=1e-5)
 
 
 def test_training_loss_curve_matches_straightforward_path(tiny_model, tmp_path, monkeypatch):

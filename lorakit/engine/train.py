@@ -19,7 +19,7 @@ import yaml
 from mlx import nn
 from mlx.utils import tree_flatten
 
-from lorakit.engine.data.batching import BatchPlan, PairPlan
+from lorakit.engine.data.batching import BatchPlan, PairPlan, filling_pays_off
 from lorakit.engine.data.tokenized import Split, load_split, rendering_of, split_path
 from lorakit.engine.model import checkpoint as ckpt
 from lorakit.engine.model import distributed as dist
@@ -261,25 +261,26 @@ def _references(objective: Objective, settings: TrainSettings, loaded: LoadedMod
     return logps(train_set), logps(valid_set)
 
 
-def _plan(settings: TrainSettings, split: Split, reference: np.ndarray | None) -> BatchPlan:
+def _plan(settings: TrainSettings, split: Split, reference: np.ndarray | None, train: bool) -> BatchPlan:
+    """The split's batches; `train`: for the compiled step, whose short last batches are filled where that pays."""
+    fill = train and filling_pays_off()
     if split.format == "preference":
         return PairPlan(split.examples, settings.batch_size, settings.max_seq_length, seed=settings.seed,
-                        pack=settings.pack,
-                        reference=reference)
+                        pack=settings.pack, reference=reference, fill=fill)
     return BatchPlan(split.examples, settings.batch_size, settings.max_seq_length, pack=settings.pack,
-                     seed=settings.seed, batch_tokens=settings.batch_tokens)
+                     seed=settings.seed, batch_tokens=settings.batch_tokens, fill=fill)
 
 
 def _plan_batches(settings: TrainSettings, train_set: Split, valid_set: Split | None, world: dist.World,
                   reporter: Reporter, references: tuple = (None, None)) -> Batches:
     """This rank's share of the train batches, the validation batches, and how many steps to take."""
-    plan = _plan(settings, train_set, references[0])
+    plan = _plan(settings, train_set, references[0], train=True)
     dist.shard_plan(plan, world, reporter, "train")
     steps_per_epoch = len(plan) / settings.grad_accumulation_steps
     total_steps = settings.iters or max(1, math.ceil((settings.epochs or 3.0) * steps_per_epoch))
     val_batches = []
     if valid_set is not None:
-        val_plan = _plan(settings, valid_set, references[1])
+        val_plan = _plan(settings, valid_set, references[1], train=False)
         dist.shard_plan(val_plan, world, reporter, "valid")
         order = val_plan.order(0)
         if settings.val_batches >= 0:

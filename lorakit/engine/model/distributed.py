@@ -106,6 +106,7 @@ def shard_plan(plan: Any, w: World, reporter: Reporter, split: str) -> None:
         reporter.warn(f"{split}: {left_out} row(s) in a last batch smaller than the {w.size} processes are left "
                       "out of every epoch; a --batch-size that divides the number of examples avoids it")
     plan.batches = [w.shard(rows) for rows in kept]
+    plan.fill_leftovers()
 
 
 def check_batch_size(batch_size: int, w: World) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 import mlx.core as mx
 from mlx import nn
 
-from lorakit.engine.data.batching import BatchPlan
+from lorakit.engine.data.batching import BatchPlan, filling_pays_off
 from lorakit.engine.data.tokenized import Split
 from lorakit.engine.reporter import Reporter
 from lorakit.engine.training.layout import Layout, budgets, candidates, free_fields, packing, step_tokens
@@ -155,7 +155,8 @@ def queue_limit(settings: TrainSettings) -> Iterator[None]:
 
 def layout_plan(settings: TrainSettings, train_set: Split, layout: Layout) -> BatchPlan:
     return BatchPlan(train_set.examples, settings.batch_size, settings.max_seq_length, pack=layout.pack,
-                     seed=settings.seed, batch_tokens=layout.batch_tokens)
+                     seed=settings.seed, batch_tokens=layout.batch_tokens,
+                     fill=filling_pays_off())
 
 
 def _apply(model: nn.Module, layout: Layout) -> None:

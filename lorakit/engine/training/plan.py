@@ -47,7 +47,7 @@ def predict(choice: Choice, plan: BatchPlan, total_steps: int) -> TrainPlan:
     measured = choice.measured
     accum = choice.layout.grad_accumulation_steps
     per_token = (measured.step_s or measured.first_s) / max(measured.padded_tokens, 1)
-    padded = sum(len(rows) * (plan.width(b) + 1) for b, rows in enumerate(plan.batches)) / len(plan)
+    padded = sum(plan.batch_rows(b) * (plan.width(b) + 1) for b in range(len(plan))) / len(plan)
     real = sum(e.length for e in plan.examples) / len(plan)
     step_time = per_token * padded * accum
     shapes = len(plan.shapes())

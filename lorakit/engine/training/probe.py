@@ -40,7 +40,7 @@ def heaviest_batch(plan: BatchPlan) -> int:
     """The batch most likely to set the peak: most padded tokens, wider rows weighing more (attention)."""
     def weight(b: int) -> float:
         width = plan.width(b)
-        return len(plan.batches[b]) * width * (1 + width / 4096)
+        return plan.batch_rows(b) * width * (1 + width / 4096)
 
     return max(range(len(plan.batches)), key=weight)
 
