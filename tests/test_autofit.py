@@ -113,7 +113,6 @@ def test_max_memory_bounds_mlx_queue_for_the_probes_and_the_run_only(tiny_model,
         assert mx.get_memory_limit() == before  # no --max-memory: MLX's own limit
 
 
-
 @pytest.mark.parametrize(("ops", "share"), [(None, 1.0), ("8", 1.0), ("4", 1.0), ("20", "QUEUE_LIMIT")])
 def test_on_cuda_a_shallow_queue_is_limited_at_the_budget_and_a_deep_one_below_it(tiny_model, data, tmp_path,
                                                                                   monkeypatch, ops, share):
@@ -139,6 +138,7 @@ def test_without_max_memory_the_queue_keeps_mlx_depth(monkeypatch):
     monkeypatch.delenv("MLX_MAX_OPS_PER_BUFFER")
     fit.shallow_queue(None)
     assert "MLX_MAX_OPS_PER_BUFFER" not in os.environ
+
 
 def test_an_impossible_budget_exits_2_with_the_smallest_that_fits(tiny_model, data, tmp_path):
     with pytest.raises(UserError) as caught:

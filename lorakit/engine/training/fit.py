@@ -155,8 +155,7 @@ def queue_limit(settings: TrainSettings) -> Iterator[None]:
 
 def layout_plan(settings: TrainSettings, train_set: Split, layout: Layout) -> BatchPlan:
     return BatchPlan(train_set.examples, settings.batch_size, settings.max_seq_length, pack=layout.pack,
-                     seed=settings.seed, batch_tokens=layout.batch_tokens,
-                     fill=filling_pays_off())
+                     seed=settings.seed, batch_tokens=layout.batch_tokens, fill=filling_pays_off())
 
 
 def _apply(model: nn.Module, layout: Layout) -> None:
